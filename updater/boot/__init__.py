@@ -1,0 +1,1 @@
+"""Bootloader backends: one small Protocol, one module per bootloader, a registry dict."""

@@ -1,0 +1,1 @@
+"""Click command groups of `updater`, one module per group, registered in `updater.cli`."""
