@@ -1,0 +1,551 @@
+"""The GUID Partition Table: construct schemas, a two-copy reader, an ordered writer.
+
+Each on-disk structure (protective MBR, GPT header, partition entry) is declared once
+as a construct Struct; CRC32s are computed by `_build_header`/`_entries_bytes`, never
+patched by hand.
+
+Invariants:
+* Reading checks BOTH copies (primary at LBA 1, backup at the last LBA). One damaged
+  copy -> the other is used and `GptDisk.damaged` says which and why; both damaged ->
+  `GPTError` naming the file and both reasons.
+* Parse -> build is byte-exact: fields this module does not interpret (entry count and
+  size, revision, header size, reserved bytes, bytes of empty or oversized entries)
+  are kept as found and written back unchanged.
+* Writes put the backup table first, then the primary, each with both CRCs recomputed
+  and an fsync in between, so a power cut leaves at least one valid copy.
+* Every read of the (untrusted) disk is bounded: the entry array is at most
+  `MAX_ENTRY_ARRAY` bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import stat
+import struct
+import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from construct import (
+    Adapter,
+    Bytes,
+    Const,
+    ConstructError,
+    Int8ul,
+    Int32ul,
+    Int64ul,
+    Struct,
+)
+
+from updater.errors import DeviceError, GPTError
+
+SIGNATURE = b"EFI PART"
+REVISION_1_0 = 0x00010000
+HEADER_SIZE = 92
+ENTRY_SIZE = 128
+DEFAULT_ENTRIES = 128
+MAX_ENTRY_ARRAY = 1024 * 1024  # bound on what we read from an untrusted disk
+NAME_BYTES = 72  # 36 UTF-16LE code units
+_BLKSSZGET = 0x1268
+_BLKGETSIZE64 = 0x80081272
+
+
+class GuidAdapter(Adapter):  # type: ignore[misc]
+    """16 mixed-endian bytes <-> uuid.UUID (the on-disk GUID encoding)."""
+
+    def _decode(self, obj: bytes, context: object, path: str) -> uuid.UUID:
+        return uuid.UUID(bytes_le=obj)
+
+    def _encode(self, obj: uuid.UUID, context: object, path: str) -> bytes:
+        return obj.bytes_le
+
+
+class NameAdapter(Adapter):  # type: ignore[misc]
+    """72 bytes of NUL-padded UTF-16LE <-> str (lone surrogates survive a round trip)."""
+
+    def _decode(self, obj: bytes, context: object, path: str) -> str:
+        units = [obj[i : i + 2] for i in range(0, len(obj), 2)]
+        end = units.index(b"\0\0") if b"\0\0" in units else len(units)
+        return b"".join(units[:end]).decode("utf-16-le", "surrogatepass")
+
+    def _encode(self, obj: str, context: object, path: str) -> bytes:
+        raw = obj.encode("utf-16-le", "surrogatepass")
+        if len(raw) > NAME_BYTES:
+            raise GPTError(f"partition name {obj!r} is longer than 36 UTF-16 code units")
+        return raw.ljust(NAME_BYTES, b"\0")
+
+
+Guid = GuidAdapter(Bytes(16))
+
+MbrRecord = Struct(
+    "status" / Int8ul,
+    "chs_first" / Bytes(3),
+    "os_type" / Int8ul,
+    "chs_last" / Bytes(3),
+    "first_lba" / Int32ul,
+    "sectors" / Int32ul,
+)
+
+ProtectiveMbr = Struct(
+    "boot_code" / Bytes(440),
+    "disk_signature" / Int32ul,
+    "reserved" / Bytes(2),
+    "records" / MbrRecord[4],
+    "signature" / Const(b"\x55\xaa"),
+)
+
+GptHeader = Struct(
+    "signature" / Const(SIGNATURE),
+    "revision" / Int32ul,
+    "header_size" / Int32ul,
+    "header_crc32" / Int32ul,
+    "reserved" / Int32ul,
+    "my_lba" / Int64ul,
+    "alternate_lba" / Int64ul,
+    "first_usable_lba" / Int64ul,
+    "last_usable_lba" / Int64ul,
+    "disk_guid" / Guid,
+    "entries_lba" / Int64ul,
+    "num_entries" / Int32ul,
+    "entry_size" / Int32ul,
+    "entries_crc32" / Int32ul,
+)
+
+GptEntry = Struct(
+    "type_guid" / Guid,
+    "unique_guid" / Guid,
+    "first_lba" / Int64ul,
+    "last_lba" / Int64ul,
+    "attributes" / Int64ul,
+    "name" / NameAdapter(Bytes(NAME_BYTES)),
+)
+
+_EMPTY_TYPE = uuid.UUID(int=0)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One non-empty partition entry; `number` is its 1-based index in the entry array."""
+
+    number: int
+    type_guid: uuid.UUID
+    unique_guid: uuid.UUID
+    first_lba: int
+    last_lba: int
+    attributes: int
+    name: str
+
+    @property
+    def priority(self) -> int:
+        return (self.attributes >> 48) & 0xF
+
+    @property
+    def tries(self) -> int:
+        return (self.attributes >> 52) & 0xF
+
+    @property
+    def successful(self) -> bool:
+        return bool((self.attributes >> 56) & 1)
+
+    def size_bytes(self, sector_size: int) -> int:
+        return (self.last_lba - self.first_lba + 1) * sector_size
+
+    def with_boot_attrs(
+        self,
+        *,
+        priority: int | None = None,
+        tries: int | None = None,
+        successful: bool | None = None,
+    ) -> Partition:
+        """A copy with the ChromeOS-style boot bits changed; other bits are kept."""
+        attrs = self.attributes
+        for value, shift, what in ((priority, 48, "priority"), (tries, 52, "tries")):
+            if value is None:
+                continue
+            if not 0 <= value <= 15:
+                raise GPTError(f"partition {self.name!r}: {what} {value} is not in 0-15")
+            attrs = (attrs & ~(0xF << shift)) | (value << shift)
+        if successful is not None:
+            attrs = (attrs & ~(1 << 56)) | (int(successful) << 56)
+        return dataclasses.replace(self, attributes=attrs)
+
+
+@dataclass(frozen=True)
+class GptDisk:
+    """A parsed (or planned) GPT. Change it in memory, then `write_gpt` commits it."""
+
+    sector_size: int
+    total_sectors: int
+    disk_guid: uuid.UUID
+    first_usable_lba: int
+    last_usable_lba: int
+    partitions: list[Partition]
+    damaged: list[str] = field(default_factory=list)
+    source: str = "<new>"
+    num_entries: int = DEFAULT_ENTRIES
+    entry_size: int = ENTRY_SIZE
+    entries_lba: int = 2
+    backup_lba: int = 0  # 0: the last sector
+    backup_entries_lba: int = 0  # 0: just before the backup header
+    # Kept as found so that parse -> build is byte-exact.
+    revision: int = REVISION_1_0
+    header_size: int = HEADER_SIZE
+    header_reserved: int = 0
+    header_tail: bytes = b""  # header sector bytes after the 92 interpreted ones
+    raw_entries: tuple[bytes, ...] = ()
+    mbr: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.backup_lba == 0:
+            object.__setattr__(self, "backup_lba", self.total_sectors - 1)
+        if self.backup_entries_lba == 0:
+            object.__setattr__(
+                self, "backup_entries_lba", self.backup_lba - self.entry_array_sectors
+            )
+
+    @property
+    def entry_array_sectors(self) -> int:
+        return -(-self.num_entries * self.entry_size // self.sector_size)
+
+    def find(self, name: str) -> Partition:
+        """The one partition called `name`; GPTError if there is none or several."""
+        found = [p for p in self.partitions if p.name == name]
+        if len(found) != 1:
+            what = "no partition" if not found else f"{len(found)} partitions"
+            raise GPTError(f"{self.source}: {what} named {name!r}")
+        return found[0]
+
+    def replace(self, p: Partition) -> GptDisk:
+        """A copy with the entry numbered `p.number` replaced by (or set to) `p`."""
+        if not 1 <= p.number <= self.num_entries:
+            raise GPTError(f"{self.source}: no entry slot {p.number} (1-{self.num_entries})")
+        parts = [q for q in self.partitions if q.number != p.number] + [p]
+        return dataclasses.replace(self, partitions=sorted(parts, key=lambda q: q.number))
+
+    def validate(self) -> None:
+        """Refuse a table a firmware would misread: overlaps, out-of-range entries."""
+        where = self.source
+        if not (self.entries_lba + self.entry_array_sectors <= self.first_usable_lba
+                <= self.last_usable_lba < self.backup_entries_lba < self.backup_lba
+                < self.total_sectors):
+            raise GPTError(f"{where}: usable range {self.first_usable_lba}-"
+                           f"{self.last_usable_lba} does not fit the disk")
+        prev: Partition | None = None
+        for p in sorted(self.partitions, key=lambda q: q.first_lba):
+            if not 1 <= p.number <= self.num_entries:
+                raise GPTError(f"{where}: partition {p.name!r} has entry number {p.number}")
+            if p.type_guid == _EMPTY_TYPE:
+                raise GPTError(f"{where}: partition {p.number} has the empty type GUID")
+            if not self.first_usable_lba <= p.first_lba <= p.last_lba <= self.last_usable_lba:
+                raise GPTError(f"{where}: partition {p.number} ({p.name!r}) sectors "
+                               f"{p.first_lba}-{p.last_lba} are outside the usable range "
+                               f"{self.first_usable_lba}-{self.last_usable_lba}")
+            if prev is not None and p.first_lba <= prev.last_lba:
+                raise GPTError(f"{where}: partitions {prev.number} and {p.number} overlap")
+            prev = p
+        if len({p.number for p in self.partitions}) != len(self.partitions):
+            raise GPTError(f"{where}: two partitions share an entry number")
+
+
+def new_gpt(
+    total_sectors: int,
+    *,
+    sector_size: int = 512,
+    disk_guid: uuid.UUID | None = None,
+    partitions: list[Partition] | None = None,
+    source: str = "<new>",
+) -> GptDisk:
+    """A fresh GPT (128 entries, protective MBR) for a disk of `total_sectors` sectors."""
+    array = -(-DEFAULT_ENTRIES * ENTRY_SIZE // sector_size)
+    if total_sectors < 2 * array + 4:
+        raise GPTError(f"{source}: {total_sectors} sectors is too small for a GPT")
+    disk = GptDisk(
+        sector_size=sector_size,
+        total_sectors=total_sectors,
+        disk_guid=disk_guid or uuid.uuid4(),
+        first_usable_lba=2 + array,
+        last_usable_lba=total_sectors - 2 - array,
+        partitions=sorted(partitions or [], key=lambda p: p.number),
+        source=source,
+        header_tail=bytes(sector_size - HEADER_SIZE),
+        mbr=protective_mbr(total_sectors),
+    )
+    disk.validate()
+    return disk
+
+
+def protective_mbr(total_sectors: int) -> bytes:
+    """Sector 0: one 0xEE record covering the disk (capped at 2^32-1 sectors)."""
+    record = {"status": 0, "chs_first": b"\x00\x02\x00", "os_type": 0xEE,
+              "chs_last": b"\xff\xff\xff", "first_lba": 1,
+              "sectors": min(total_sectors - 1, 0xFFFFFFFF)}
+    empty = {"status": 0, "chs_first": bytes(3), "os_type": 0, "chs_last": bytes(3),
+             "first_lba": 0, "sectors": 0}
+    return bytes(ProtectiveMbr.build({"boot_code": bytes(440), "disk_signature": 0,
+                                      "reserved": bytes(2),
+                                      "records": [record, empty, empty, empty]}))
+
+
+def _mbr_problem(raw: bytes) -> str | None:
+    try:
+        mbr = ProtectiveMbr.parse(raw)
+    except ConstructError:
+        return "protective MBR: no 0x55AA signature"
+    if not any(r.os_type == 0xEE for r in mbr.records):
+        return "protective MBR: no 0xEE (GPT protective) record"
+    return None
+
+
+# --- building ------------------------------------------------------------------------
+
+
+def _entries_bytes(disk: GptDisk) -> bytes:
+    by_number = {p.number: p for p in disk.partitions}
+    out = bytearray()
+    for i in range(disk.num_entries):
+        raw = disk.raw_entries[i] if i < len(disk.raw_entries) else bytes(disk.entry_size)
+        p = by_number.get(i + 1)
+        if p is None:
+            # Empty entry: keep whatever was there unless it parses as a partition.
+            is_empty = Guid.parse(raw[:16]) == _EMPTY_TYPE
+            out += raw if is_empty else bytes(disk.entry_size)
+            continue
+        if _parse_entry(i, raw) == p:
+            out += raw  # unchanged: keep even bytes we do not interpret
+            continue
+        built = GptEntry.build({
+            "type_guid": p.type_guid, "unique_guid": p.unique_guid, "first_lba": p.first_lba,
+            "last_lba": p.last_lba, "attributes": p.attributes, "name": p.name,
+        })
+        out += built + raw[len(built):]
+    return bytes(out)
+
+
+def _build_header(disk: GptDisk, *, primary: bool, entries_crc: int) -> bytes:
+    fields = {
+        "revision": disk.revision, "header_size": disk.header_size, "header_crc32": 0,
+        "reserved": disk.header_reserved,
+        "my_lba": 1 if primary else disk.backup_lba,
+        "alternate_lba": disk.backup_lba if primary else 1,
+        "first_usable_lba": disk.first_usable_lba, "last_usable_lba": disk.last_usable_lba,
+        "disk_guid": disk.disk_guid,
+        "entries_lba": disk.entries_lba if primary else disk.backup_entries_lba,
+        "num_entries": disk.num_entries, "entry_size": disk.entry_size,
+        "entries_crc32": entries_crc,
+    }
+    tail = disk.header_tail or bytes(disk.sector_size - HEADER_SIZE)
+    sector = bytes(GptHeader.build(fields)) + tail
+    crc = zlib.crc32(sector[: disk.header_size])
+    fields["header_crc32"] = crc
+    return bytes(GptHeader.build(fields)) + tail
+
+
+def build_tables(disk: GptDisk) -> dict[str, tuple[int, bytes]]:
+    """name -> (byte offset, bytes) for mbr, primary/backup header and entries."""
+    entries = _entries_bytes(disk)
+    crc = zlib.crc32(entries)
+    pad = bytes(disk.entry_array_sectors * disk.sector_size - len(entries))
+    ss = disk.sector_size
+    return {
+        "backup entries": (disk.backup_entries_lba * ss, entries + pad),
+        "backup header": (disk.backup_lba * ss, _build_header(disk, primary=False,
+                                                              entries_crc=crc)),
+        "primary entries": (disk.entries_lba * ss, entries + pad),
+        "primary header": (ss, _build_header(disk, primary=True, entries_crc=crc)),
+        "mbr": (0, disk.mbr or protective_mbr(disk.total_sectors)),
+    }
+
+
+# --- parsing -------------------------------------------------------------------------
+
+
+def _parse_entry(index: int, raw: bytes) -> Partition | None:
+    e = GptEntry.parse(raw)
+    if e.type_guid == _EMPTY_TYPE:
+        return None
+    return Partition(index + 1, e.type_guid, e.unique_guid, e.first_lba, e.last_lba,
+                     e.attributes, e.name)
+
+
+class _Bad(Exception):
+    """Why one copy of the table is unusable (internal; becomes a damage note)."""
+
+
+def _read_copy(f: int, total: int, ss: int, lba: int) -> tuple[Any, bytes, bytes]:
+    """Parse and check the header at `lba` and its entry array; raise _Bad if damaged."""
+    sector = os.pread(f, ss, lba * ss)
+    if len(sector) < ss:
+        raise _Bad(f"header sector {lba} is beyond the end of the disk")
+    try:
+        h = GptHeader.parse(sector)
+    except ConstructError:
+        raise _Bad(f"no 'EFI PART' signature at LBA {lba}") from None
+    if h.revision >> 16 != 1:
+        raise _Bad(f"unsupported revision {h.revision:#x} at LBA {lba}")
+    if not HEADER_SIZE <= h.header_size <= ss:
+        raise _Bad(f"header size {h.header_size} at LBA {lba} is not in {HEADER_SIZE}-{ss}")
+    zeroed = sector[:16] + bytes(4) + sector[20 : h.header_size]
+    if zlib.crc32(zeroed) != h.header_crc32:
+        raise _Bad(f"header CRC32 mismatch at LBA {lba}")
+    if h.my_lba != lba:
+        raise _Bad(f"header at LBA {lba} says it is at LBA {h.my_lba}")
+    if h.entry_size < ENTRY_SIZE or h.entry_size % 8:
+        raise _Bad(f"entry size {h.entry_size} at LBA {lba} is invalid")
+    length = h.num_entries * h.entry_size
+    if length > MAX_ENTRY_ARRAY or h.num_entries == 0:
+        raise _Bad(f"{h.num_entries} entries of {h.entry_size} bytes at LBA {lba} "
+                   f"is out of bounds")
+    if not 2 <= h.entries_lba < total or h.entries_lba * ss + length > total * ss:
+        raise _Bad(f"entry array at LBA {h.entries_lba} does not fit the disk")
+    if not h.first_usable_lba <= h.last_usable_lba + 1 or h.last_usable_lba >= total:
+        raise _Bad(f"usable range {h.first_usable_lba}-{h.last_usable_lba} is invalid")
+    entries = os.pread(f, length, h.entries_lba * ss)
+    if zlib.crc32(entries) != h.entries_crc32:
+        raise _Bad(f"entry array CRC32 mismatch (entries at LBA {h.entries_lba})")
+    return h, sector, entries
+
+
+def _summary(h: Any, entries: bytes) -> tuple[object, ...]:
+    keys = ("first_usable_lba", "last_usable_lba", "disk_guid", "num_entries", "entry_size")
+    return (*(getattr(h, k) for k in keys), entries)
+
+
+@contextmanager
+def _open(path: Path, flags: int) -> Iterator[int]:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise DeviceError(f"cannot open {path}: {e.strerror}") from e
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def device_geometry(fd: int, path: Path) -> tuple[int, int]:
+    """(sector size, size in bytes): the kernel's logical sector size for a block device,
+    512 for an image file."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode):
+        return 512, st.st_size
+    try:
+        ss = struct.unpack("i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+        size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
+    except OSError as e:
+        raise DeviceError(f"{path}: cannot query sector size and size: {e.strerror}") from e
+    return int(ss), int(size)
+
+
+def read_gpt(path: Path, *, sector_size: int | None = None) -> GptDisk:
+    """Parse both GPT copies of a disk or image file; see the module invariants."""
+    with _open(path, os.O_RDONLY) as fd:
+        return _read_fd(fd, path, sector_size)
+
+
+def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
+    ss, size = device_geometry(fd, path)
+    ss = sector_size or ss
+    total = size // ss
+    if total < 6:
+        raise GPTError(f"{path}: {size} bytes is too small to hold a GPT")
+    damaged: list[str] = []
+    try:
+        primary: tuple[Any, bytes, bytes] | None = _read_copy(fd, total, ss, 1)
+    except _Bad as e:
+        primary, why_primary = None, str(e)
+    backup: tuple[Any, bytes, bytes] | None = None
+    why_backup = ""
+    spots = [total - 1]
+    if primary is not None and 1 < primary[0].alternate_lba < total - 1:
+        spots.append(primary[0].alternate_lba)
+    for lba in spots:
+        try:
+            backup = _read_copy(fd, total, ss, lba)
+            break
+        except _Bad as e:
+            why_backup = why_backup or str(e)
+    if primary is None and backup is None:
+        raise GPTError(f"{path}: no valid GPT: primary: {why_primary}; backup: {why_backup}")
+    if primary is None:
+        damaged.append(f"primary GPT: {why_primary}")
+    elif backup is None:
+        damaged.append(f"backup GPT: {why_backup}")
+    elif _summary(primary[0], primary[2]) != _summary(backup[0], backup[2]):
+        damaged.append("backup GPT: does not match the primary")
+        backup = None
+    mbr = os.pread(fd, ss, 0)
+    if (problem := _mbr_problem(mbr[:512])) is not None:
+        damaged.append(problem)
+        mbr = b""
+    good = primary or backup
+    assert good is not None
+    h, sector, entries = good
+    g = h
+    raw = tuple(entries[i : i + h.entry_size]
+                for i in range(0, len(entries), h.entry_size))
+    try:
+        parts = [p for i, r in enumerate(raw) if (p := _parse_entry(i, r)) is not None]
+    except (ConstructError, UnicodeDecodeError) as e:
+        raise GPTError(f"{path}: unreadable partition entry: {e}") from e
+    backup_lba = backup[0].my_lba if backup else (
+        g.alternate_lba if 1 < g.alternate_lba < total else total - 1)
+    array = -(-len(entries) // ss)
+    backup_entries = backup[0].entries_lba if backup else (
+        backup_lba - array)
+    return GptDisk(
+        sector_size=ss, total_sectors=total, disk_guid=g.disk_guid,
+        first_usable_lba=g.first_usable_lba,
+        last_usable_lba=g.last_usable_lba,
+        partitions=parts, damaged=damaged, source=str(path),
+        num_entries=g.num_entries, entry_size=g.entry_size,
+        entries_lba=primary[0].entries_lba if primary else 2,
+        backup_lba=backup_lba, backup_entries_lba=backup_entries,
+        revision=g.revision, header_size=g.header_size, header_reserved=g.reserved,
+        header_tail=sector[HEADER_SIZE:], raw_entries=raw, mbr=mbr,
+    )
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def write_gpt(path: Path, disk: GptDisk) -> None:
+    """Write `disk` to `path`: backup table, fsync, primary table and MBR, fsync."""
+    disk.validate()
+    tables = build_tables(disk)
+    with _open(path, os.O_RDWR) as fd:
+        _, size = device_geometry(fd, path)
+        if size // disk.sector_size < disk.total_sectors:
+            raise GPTError(f"{path}: the table is for {disk.total_sectors} sectors but the "
+                           f"disk has only {size // disk.sector_size}")
+        write_tables(fd, path, tables)
+
+
+def write_tables(fd: int, path: Path, tables: dict[str, tuple[int, bytes]]) -> None:
+    """Put built tables on an open disk in the safe order (backup first), fsync'd."""
+    try:
+        for names in (("backup entries", "backup header"),
+                      ("primary entries", "primary header", "mbr")):
+            for name in names:
+                offset, data = tables[name]
+                if os.pwrite(fd, data, offset) != len(data):
+                    raise DeviceError(f"{path}: short write of the {name}")
+            os.fsync(fd)
+    except OSError as e:
+        raise DeviceError(f"{path}: writing the GPT failed: {e.strerror}") from e
+
+
+def repair_gpt(path: Path) -> list[str]:
+    """Write the good copy over a damaged one; returns what was repaired (may be [])."""
+    disk = read_gpt(path)
+    if disk.damaged:
+        # A moved backup (grown image) goes back to the end, where it belongs.
+        fixed = dataclasses.replace(disk, backup_lba=disk.total_sectors - 1,
+                                    backup_entries_lba=0, damaged=[])
+        write_gpt(path, fixed)
+    return list(disk.damaged)

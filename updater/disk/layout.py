@@ -1,0 +1,338 @@
+"""Declarative partition layouts (partition-layouts/*.toml) and writing them to a disk.
+
+A layout is a TOML file with `[[partition]]` tables (format: docs/layouts.md). Loading
+it (`load_layout`) checks everything that does not depend on the disk; planning it for
+a disk size (`plan_layout`, pure) checks that it fits and returns a `GptDisk`;
+`apply_layout` does the I/O.
+
+Invariants: partitions start on 1 MiB boundaries; every error is a `LayoutError`
+naming the layout file and the field; the target is not modified unless the whole
+plan is valid and the target is neither holding a partition table (unless `force`) nor
+in use (mounted, or held open exclusively) whatever the flags; a new image file is
+built under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import stat
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from updater.disk.gpt import (
+    GptDisk,
+    Partition,
+    build_tables,
+    device_geometry,
+    new_gpt,
+    write_tables,
+)
+from updater.errors import DeviceError, GPTError, LayoutError
+
+ALIGN = 1024 * 1024
+_BLKRRPART = 0x125F
+
+# UAPI "Discoverable Partitions Specification" type GUIDs (plus a few common others).
+TYPE_ALIASES: dict[str, uuid.UUID] = {
+    name: uuid.UUID(guid)
+    for name, guid in {
+        "esp": "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+        "xbootldr": "bc13c2ff-59e6-4262-a352-b275fd6f7172",
+        "swap": "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f",
+        "home": "933ac7e1-2eb4-4f13-b844-0e14e2aef915",
+        "srv": "3b8f8425-20e0-4f3b-907f-1a25a76f98e8",
+        "var": "4d21b016-b534-45c2-a9fb-5c16e091fd2d",
+        "tmp": "7ec6f557-3bc5-4aca-b293-16ef5df639d1",
+        "linux-generic": "0fc63daf-8483-4772-8e79-3d69d8477de4",
+        "root-x86-64": "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+        "root-arm64": "b921b045-1df0-41c3-af44-4c6f280d3fae",
+        "root-x86": "44479540-f297-41b2-9af7-d131d5f0458a",
+        "root-arm": "69dad710-2ce4-4e3c-b16c-21a1d49abed3",
+        "root-riscv64": "72ec70a6-cf74-40e6-bd49-4bda08e8f224",
+        "usr-x86-64": "8484680c-9521-48c6-9c11-b0720656f69e",
+        "usr-arm64": "b0e01050-ee5f-4390-949a-9101b17104e9",
+        "usr-riscv64": "beaec34b-8442-439b-a40b-984381ed097d",
+        "root-verity-x86-64": "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5",
+        "root-verity-arm64": "df3300ce-d69f-4c92-978c-9bfb0f38d820",
+        "usr-verity-x86-64": "77ff5f63-e7b6-4633-acf4-1565b864c0e6",
+        "usr-verity-arm64": "6e11a4e7-fbca-4ded-b9e9-e1a512bb664e",
+        "bios-boot": "21686148-6449-6e6f-744e-656564454649",
+    }.items()
+}
+ALIAS_OF = {guid: name for name, guid in TYPE_ALIASES.items()}
+
+_SIZE = re.compile(r"^([1-9][0-9]*)\s*([KMGT])(?:i?B)?$", re.IGNORECASE)
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_LAYOUT_KEYS = {"name", "description", "disk_guid"}
+_KNOWN_KEYS = {"name", "type", "size", "uuid", "attributes", "priority", "tries",
+               "successful"}
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    name: str
+    type_guid: uuid.UUID
+    size: int | None  # bytes; None means "rest"
+    unique_guid: uuid.UUID | None
+    attributes: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    source: str
+    partitions: tuple[PartitionSpec, ...]
+    disk_guid: uuid.UUID | None = None
+
+
+def parse_size(text: str) -> int:
+    """'512M' / '2G' / '64MiB' -> bytes (binary units); ValueError if malformed."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r} (want e.g. 512M, 2G or rest)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def resolve_type(text: str) -> uuid.UUID:
+    if text.lower() in TYPE_ALIASES:
+        return TYPE_ALIASES[text.lower()]
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ValueError(f"unknown type {text!r} (a GUID or one of: "
+                         f"{', '.join(sorted(TYPE_ALIASES))})") from None
+
+
+def load_layout(path: Path) -> Layout:
+    """Read and check a layout file (everything that does not depend on the disk)."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LayoutError(f"{path}: cannot read layout: {e.strerror}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LayoutError(f"{path}: not valid TOML: {e}") from e
+    return layout_from_dict(doc, str(path))
+
+
+def layout_from_dict(doc: dict[str, Any], source: str) -> Layout:
+    def fail(where: str, why: str) -> LayoutError:
+        return LayoutError(f"{source}: {where}: {why}")
+
+    head = doc.get("layout", {})
+    if not isinstance(head, dict):
+        raise fail("layout", "must be a table")
+    if unknown := (set(doc) - {"layout", "partition"}) or (set(head) - _LAYOUT_KEYS):
+        raise fail(sorted(unknown)[0], "unknown field")
+    disk_guid = None
+    if "disk_guid" in head:
+        try:
+            disk_guid = uuid.UUID(str(head["disk_guid"]))
+        except ValueError:
+            raise fail("layout.disk_guid", f"not a GUID: {head['disk_guid']!r}") from None
+    items = doc.get("partition")
+    if not isinstance(items, list) or not items:
+        raise fail("partition", "missing: a layout needs at least one [[partition]]")
+    specs: list[PartitionSpec] = []
+    for i, item in enumerate(items, 1):
+        where = f"partition {i}"
+        if not isinstance(item, dict):
+            raise fail(where, "must be a table")
+        for key in ("name", "type", "size"):
+            if key not in item:
+                raise fail(f"{where}.{key}", "missing")
+        where = f"partition {i} ({item['name']!r})"
+        if unknown := set(item) - _KNOWN_KEYS:
+            raise fail(f"{where}.{sorted(unknown)[0]}", "unknown field")
+        name = item["name"]
+        if not isinstance(name, str) or not name or len(name.encode("utf-16-le")) > 72:
+            raise fail(f"{where}.name", "must be a non-empty string of at most 36 chars")
+        if any(s.name == name for s in specs):
+            raise fail(f"{where}.name", f"duplicate name {name!r}")
+        try:
+            type_guid = resolve_type(str(item["type"]))
+        except ValueError as e:
+            raise fail(f"{where}.type", str(e)) from None
+        size: int | None = None
+        if item["size"] == "rest":
+            if i != len(items):
+                raise fail(f"{where}.size", '"rest" is only allowed for the last partition')
+        else:
+            try:
+                size = parse_size(str(item["size"]))
+            except ValueError as e:
+                raise fail(f"{where}.size", str(e)) from None
+        unique = None
+        if "uuid" in item:
+            try:
+                unique = uuid.UUID(str(item["uuid"]))
+            except ValueError:
+                raise fail(f"{where}.uuid", f"not a GUID: {item['uuid']!r}") from None
+        attrs = item.get("attributes", 0)
+        if not isinstance(attrs, int) or isinstance(attrs, bool) or not 0 <= attrs < 1 << 64:
+            raise fail(f"{where}.attributes", "must be an integer in 0..2^64-1")
+        for key, shift in (("priority", 48), ("tries", 52)):
+            if key in item:
+                v = item[key]
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 15:
+                    raise fail(f"{where}.{key}", f"must be an integer 0-15, not {v!r}")
+                attrs = (attrs & ~(0xF << shift)) | (v << shift)
+        if "successful" in item:
+            v = item["successful"]
+            if not isinstance(v, bool) and v not in (0, 1):
+                raise fail(f"{where}.successful", f"must be true/false, not {v!r}")
+            attrs = (attrs & ~(1 << 56)) | (int(v) << 56)
+        specs.append(PartitionSpec(name, type_guid, size, unique, attrs))
+    return Layout(source, tuple(specs), disk_guid)
+
+
+def plan_layout(layout: Layout, size_bytes: int, sector_size: int = 512) -> GptDisk:
+    """The GPT the layout makes on a disk of `size_bytes` (pure; LayoutError if it
+    does not fit)."""
+    total = size_bytes // sector_size
+    try:
+        empty = new_gpt(total, sector_size=sector_size, disk_guid=layout.disk_guid,
+                        source=layout.source)
+    except GPTError as e:
+        raise LayoutError(f"{layout.source}: target of {size_bytes} bytes: {e}") from e
+    align = max(ALIGN // sector_size, 1)
+    lba = empty.first_usable_lba
+    parts: list[Partition] = []
+    for n, spec in enumerate(layout.partitions, 1):
+        where = f"{layout.source}: partition {n} ({spec.name!r}).size"
+        first = -(-lba // align) * align
+        if spec.size is None:
+            # End on an alignment boundary too (sgdisk cautions otherwise), if room.
+            end = (empty.last_usable_lba + 1) // align * align - 1
+            last = end if end >= first else empty.last_usable_lba
+        else:
+            if spec.size % sector_size:
+                raise LayoutError(f"{where}: not a multiple of the {sector_size}-byte sector")
+            last = first + spec.size // sector_size - 1
+        if first > empty.last_usable_lba or last > empty.last_usable_lba or last < first:
+            raise LayoutError(f"{where}: does not fit the target ({size_bytes} bytes; "
+                              f"usable sectors end at {empty.last_usable_lba})")
+        parts.append(Partition(n, spec.type_guid, spec.unique_guid or uuid.uuid4(),
+                               first, last, spec.attributes, spec.name))
+        lba = last + 1
+    return new_gpt(total, sector_size=sector_size, disk_guid=empty.disk_guid,
+                   partitions=parts, source=layout.source)
+
+
+# --- applying ------------------------------------------------------------------------
+
+
+def _has_table(head: bytes) -> str | None:
+    if len(head) >= 520 and head[512:520] == b"EFI PART":
+        return "a GPT"
+    if len(head) >= 512 and head[510:512] == b"\x55\xaa":
+        return "an MBR partition table"
+    return None
+
+
+def _busy_reason(path: Path, rdev: int) -> str | None:
+    """Why a block device must not be repartitioned: it or a partition is mounted."""
+    devs = {rdev}
+    sysdir = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    if sysdir.is_dir():
+        for child in sysdir.iterdir():
+            if (child / "partition").exists():
+                major, minor = (child / "dev").read_text().strip().split(":")
+                devs.add(os.makedev(int(major), int(minor)))
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            major, minor = fields[2].split(":")
+            if os.makedev(int(major), int(minor)) in devs:
+                return f"it (or a partition of it) is mounted on {fields[4]}"
+    return None
+
+
+def apply_layout(layout: Layout, target: Path, *, size: int | None = None,
+                 force: bool = False) -> tuple[GptDisk, list[str]]:
+    """Write the layout's GPT to a block device or image file; returns the table and
+    notes (e.g. a failed partition re-read)."""
+    notes: list[str] = []
+    try:
+        st: os.stat_result | None = target.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise DeviceError(f"{target}: {e.strerror}") from e
+    if st is None:
+        if size is None:
+            raise DeviceError(f"{target}: does not exist (give --size to create an image)")
+        disk = plan_layout(layout, size)
+        _create_image(target, size, disk)
+        return disk, notes
+    block = stat.S_ISBLK(st.st_mode)
+    if not block and not stat.S_ISREG(st.st_mode):
+        raise DeviceError(f"{target}: neither a block device nor a regular file")
+    if block:
+        if size is not None:
+            raise DeviceError(f"{target}: --size applies to image files, not block devices")
+        if (why := _busy_reason(target, st.st_rdev)) is not None:
+            raise DeviceError(f"{target}: refusing to repartition: {why}")
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if block else 0)
+    try:
+        fd = os.open(target, flags)
+    except OSError as e:
+        why = "it is in use" if e.errno == errno.EBUSY else e.strerror
+        raise DeviceError(f"{target}: cannot open for writing: {why}") from e
+    try:
+        ss, dev_size = device_geometry(fd, target)
+        if size is not None and size < dev_size:
+            raise DeviceError(f"{target}: --size {size} is smaller than the file "
+                              f"({dev_size} bytes); refusing to shrink")
+        disk = plan_layout(layout, size or dev_size, ss)
+        head = os.pread(fd, 2 * ss, 0)
+        if (table := _has_table(head)) is not None and not force:
+            raise DeviceError(f"{target}: already holds {table} (use --force to overwrite)")
+        if size is not None and size > dev_size:
+            os.ftruncate(fd, size)
+        write_tables(fd, target, build_tables(disk))
+        if block:
+            try:
+                fcntl.ioctl(fd, _BLKRRPART)
+            except OSError as e:
+                notes.append(f"{target}: the kernel did not re-read the partition table "
+                             f"({e.strerror}); run partprobe or reboot")
+    finally:
+        os.close(fd)
+    return disk, notes
+
+
+def _create_image(target: Path, size: int, disk: GptDisk) -> None:
+    """A new sparse image: written under a temporary name, fsync'd, renamed, dir fsync'd."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise DeviceError(f"{target}: cannot create image: {e.strerror}") from e
+    try:
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            raise DeviceError(f"{target}: cannot size image to {size}: {e.strerror}") from e
+        write_tables(fd, target, build_tables(disk))
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+        dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
