@@ -1,0 +1,226 @@
+"""updater.config: the documented example parses; every mistake is one line naming file
+and key; defaults; and check_partitions against a disk laid out by the real sgdisk."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_tool
+from updater.config import (
+    Config,
+    HealthCheck,
+    check_partition_labels,
+    check_partitions,
+    known_bootloaders,
+    load_config,
+    parse_config,
+)
+from updater.errors import ConfigError
+
+EXAMPLE = """
+[repository]
+metadata_url = "http://127.0.0.1:8080/metadata"
+targets_url  = "http://127.0.0.1:8080/targets"
+trusted_root = "/etc/updater/root.json"
+[device]
+hardware   = "x86_64-efi"
+channel    = "stable"
+disk       = "/dev/vda"
+bootloader = "grub"
+grubenv    = "/boot/efi/EFI/BOOT/grubenv"
+booted_slot = "auto"
+state_dir  = "/var/lib/updater"
+[slots.A]
+root = "root_a"
+[slots.B]
+root = "root_b"
+[health]
+deadline = 600
+checks = [ { command = ["systemctl", "is-active", "kubelet"] },
+           { http = "http://127.0.0.1:10248/healthz" } ]
+[hooks]
+pre_reboot = ["kubectl", "drain", "--ignore-daemonsets", "node-1"]
+reboot     = ["systemctl", "reboot"]
+"""
+
+CFG = Path("/etc/updater/config.toml")
+
+
+def parse(text: str) -> Config:
+    return parse_config(text, CFG)
+
+
+def edit(old: str, new: str, text: str = EXAMPLE) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"config {CFG}: ")
+    return message
+
+
+def test_issue_example_parses() -> None:
+    config = parse(EXAMPLE)
+    assert config.repository.metadata_url == "http://127.0.0.1:8080/metadata"
+    assert config.repository.trusted_root == Path("/etc/updater/root.json")
+    assert config.device.disk == Path("/dev/vda")
+    assert config.device.bootloader == "grub"
+    assert config.device.grubenv == Path("/boot/efi/EFI/BOOT/grubenv")
+    assert dict(config.slots["A"]) == {"root": "root_a"}
+    assert config.roles == ("root",)
+    assert config.health.deadline == 600
+    assert config.health.checks == (
+        HealthCheck(command=("systemctl", "is-active", "kubelet"), http=None, timeout=10.0),
+        HealthCheck(command=None, http="http://127.0.0.1:10248/healthz", timeout=10.0),
+    )
+    assert config.hooks.pre_reboot[0] == "kubectl"
+    assert config.hooks.post_commit == ()
+
+
+def test_defaults() -> None:
+    text = EXAMPLE.split("[health]")[0].replace('channel    = "stable"\n', "")
+    for line in ('booted_slot = "auto"\n', 'state_dir  = "/var/lib/updater"\n'):
+        text = text.replace(line, "")
+    config = parse(text)
+    assert config.device.channel == "stable"
+    assert config.device.booted_slot == "auto"
+    assert config.device.state_dir == Path("/var/lib/updater")
+    assert config.repository.timeout == 30 and config.repository.retries == 3
+    assert config.repository.proxy is None and config.repository.ca_bundle is None
+    assert (config.health.deadline, config.health.interval, config.health.checks) == (600, 10, ())
+    assert (config.daemon.interval, config.daemon.jitter) == (3600, 300)
+    assert config.hooks.reboot == ("systemctl", "reboot")
+
+
+def test_optional_keys_and_relative_paths() -> None:
+    text = EXAMPLE + """
+post_commit = ["logger", "committed"]
+timeout = 120
+[daemon]
+interval = 900
+jitter = 0
+"""
+    text = edit('trusted_root = "/etc/updater/root.json"',
+                'trusted_root = "root.json"\ntimeout = 5.5\nretries = 0\n'
+                'proxy = "http://proxy.example:3128"\nca_bundle = "ca.pem"', text)
+    text = edit("deadline = 600", "deadline = 60\ninterval = 2\ntimeout = 3", text)
+    text = edit('{ http = "http://127.0.0.1:10248/healthz" }',
+                '{ http = "https://127.0.0.1:10248/healthz", timeout = 1 }', text)
+    config = parse_config(text, Path("/srv/node/config.toml"))
+    assert config.repository.trusted_root == Path("/srv/node/root.json")
+    assert config.repository.ca_bundle == Path("/srv/node/ca.pem")
+    assert config.repository.proxy == "http://proxy.example:3128"
+    assert (config.repository.timeout, config.repository.retries) == (5.5, 0)
+    assert [c.timeout for c in config.health.checks] == [3.0, 1.0]
+    assert config.health.interval == 2
+    assert config.daemon.jitter == 0 and config.daemon.interval == 900
+    assert config.hooks.post_commit == ("logger", "committed") and config.hooks.timeout == 120
+
+
+def test_gptprio_needs_no_grubenv() -> None:
+    text = edit('bootloader = "grub"', 'bootloader = "gptprio"')
+    text = edit('grubenv    = "/boot/efi/EFI/BOOT/grubenv"\n', "", text)
+    assert parse(text).device.grubenv is None
+
+
+def test_file_url_accepted() -> None:
+    text = edit('"http://127.0.0.1:8080/metadata"', '"file:///media/usb/metadata"')
+    assert parse(text).repository.metadata_url == "file:///media/usb/metadata"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('bootloader = "grub"', 'bootloader = "foo"',
+         "[device] bootloader: unknown bootloader 'foo' (known: "),
+        ('grubenv    = "/boot/efi/EFI/BOOT/grubenv"\n', "",
+         "[device] grubenv: missing (required when bootloader = \"grub\")"),
+        ('hardware   = "x86_64-efi"\n', "", "[device] hardware: missing (required)"),
+        ('hardware   = "x86_64-efi"', "hardware = 3", "[device] hardware: must be a string"),
+        ('channel    = "stable"', 'chanel = "stable"', "[device] chanel: unknown key (known:"),
+        ('booted_slot = "auto"', 'booted_slot = "C"', "[device] booted_slot: 'C' is not one of"),
+        ('"http://127.0.0.1:8080/metadata"', '"ftp://x/metadata"',
+         "[repository] metadata_url: 'ftp://x/metadata' is not a URL"),
+        ('"http://127.0.0.1:8080/targets"', '"http:///targets"',
+         "[repository] targets_url: 'http:///targets' has no host"),
+        ("deadline = 600", "deadline = -1", "[health] deadline: -1 is out of range"),
+        ("deadline = 600", "deadline = true", "[health] deadline: must be a number, not a boolean"),
+        ("deadline = 600", "deadline = nan", "[health] deadline: nan is out of range"),
+        ('{ http = "http://127.0.0.1:10248/healthz" }', '{ http = "x", command = ["true"] }',
+         "[health] checks[1]: needs exactly one of"),
+        ('{ http = "http://127.0.0.1:10248/healthz" }', '{ http = "http://h/", timout = 3 }',
+         "[health] checks[1].timout: unknown key (known: command, http, timeout)"),
+        ('{ command = ["systemctl", "is-active", "kubelet"] }', '{ command = "systemctl" }',
+         "[health] checks[0].command: must be a non-empty array of strings"),
+        ('{ http = "http://127.0.0.1:10248/healthz" }', '{ http = "file:///x" }',
+         "[health] checks[1].http: 'file:///x' is not a URL"),
+        ('reboot     = ["systemctl", "reboot"]', "reboot = []",
+         "[hooks] reboot: must be a non-empty array of strings"),
+        ('reboot     = ["systemctl", "reboot"]', 'reboot = ["systemctl", 1]',
+         "[hooks] reboot: every element of the command must be a string"),
+        ('root = "root_b"', 'root = "root_b"\nboot = "boot_b"',
+         "[slots.A] boot: missing (slots.A and slots.B must name the same roles)"),
+        ('root = "root_b"', 'root = "root_a"', "[slots]: partition 'root_a' is named twice"),
+        ("[slots.B]\nroot = \"root_b\"\n", "", "[slots.B]: missing (required)"),
+        ("[hooks]", "[hook]", "[hook]: unknown table (known: "),
+        ("[health]", "[health]\nretries = 3", "[health] retries: unknown key"),
+        ("deadline = 600", "deadline = 600\ndeadline = 5", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_table_and_key(old: str, new: str, expected: str) -> None:
+    message = error_of(edit(old, new))
+    assert expected in message, message
+
+
+def test_unknown_bootloader_lists_known_ones() -> None:
+    message = error_of(edit('bootloader = "grub"', 'bootloader = "foo"'))
+    assert re.search(r"\(known: [a-z, ]+\)$", message), message
+    for name in known_bootloaders():
+        assert name in message
+
+
+def test_load_config_reads_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE)
+    assert load_config(path).path == path
+    with pytest.raises(ConfigError, match=r"^config .*missing.toml: cannot read: "):
+        load_config(tmp_path / "missing.toml")
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+
+
+def test_check_partition_labels_is_pure() -> None:
+    config = parse(EXAMPLE)
+    check_partition_labels(config, ["esp", "root_a", "root_b"], Path("/dev/vda"))
+    with pytest.raises(ConfigError) as info:
+        check_partition_labels(config, ["root_a", "root_x"], Path("/dev/vda"))
+    assert str(info.value).startswith(
+        f"config {CFG}: [slots.B] root = 'root_b': no partition named root_b on /dev/vda"
+    )
+
+
+def test_check_partitions_reads_a_real_gpt(sparse_disk: Path) -> None:
+    run_tool("sgdisk", "-n1:2048:+8M", "-c1:root_a", "-n2:0:+8M", "-c2:root_x", sparse_disk)
+    config = parse(edit('disk       = "/dev/vda"', f'disk = "{sparse_disk}"'))
+    with pytest.raises(ConfigError) as info:
+        check_partitions(config)
+    assert f"[slots.B] root = 'root_b': no partition named root_b on {sparse_disk}" in str(
+        info.value
+    )
+    run_tool("sgdisk", "-c2:root_b", sparse_disk)
+    check_partitions(config)
+
+
+def test_missing_table_is_named() -> None:
+    text = EXAMPLE.replace("[repository]", "[other]")
+    assert error_of(text).endswith("[repository]: missing (required)")
+    assert error_of("repository = 3").endswith("[repository]: must be a table, not an integer")

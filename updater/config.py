@@ -1,0 +1,462 @@
+"""The agent's configuration: /etc/updater/config.toml -> frozen, validated dataclasses.
+
+Every key is documented in docs/configuration.md. Invariants kept here:
+
+* a `Config` is fully validated: every URL has an allowed scheme, every number is in
+  range, `slots.A` and `slots.B` name the same roles, `grubenv` is set iff the
+  bootloader is `grub`, the bootloader is a known backend;
+* unknown keys and tables are errors - a typo must never silently become a default;
+* every problem is one `ConfigError` line naming the file, the table and the key:
+  ``config /etc/updater/config.toml: [device] bootloader: unknown bootloader 'foo' ...``;
+* relative paths are resolved against the directory of the config file, so a config
+  and the files it names can be moved together (demos, tests, image builds).
+
+Loading does no I/O besides reading the file itself; `check_partitions` is the separate
+step that compares the slots with the partitions really on the disk.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from updater.errors import ConfigError
+from updater.slots import SLOTS
+
+FALLBACK_BOOTLOADERS: tuple[str, ...] = ("grub", "gptprio")
+REPOSITORY_SCHEMES = ("http", "https", "file")
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+
+
+# --- the configuration, as data ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    metadata_url: str
+    targets_url: str
+    trusted_root: Path
+    timeout: float = 30.0  # seconds, per HTTP connect / read
+    retries: int = 3  # extra attempts after a failed download (with Range resume)
+    proxy: str | None = None  # used for http and https; None: the environment's
+    ca_bundle: Path | None = None  # PEM bundle; None: the system's trust store
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    hardware: str
+    disk: Path
+    bootloader: str
+    channel: str = "stable"
+    grubenv: Path | None = None
+    booted_slot: str = "auto"  # "auto", or "A" / "B" to override detection
+    state_dir: Path = Path("/var/lib/updater")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """One check: exactly one of `command` (exit 0 passes) or `http` (2xx passes)."""
+
+    command: tuple[str, ...] | None
+    http: str | None
+    timeout: float  # seconds for one run of this check
+
+    def describe(self) -> str:
+        if self.command is not None:
+            return "command " + " ".join(self.command)
+        return f"http {self.http}"
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    deadline: float = 600.0  # seconds after which failing checks mean a rollback
+    interval: float = 10.0  # seconds between two rounds of checks
+    timeout: float = 10.0  # default per-check timeout
+    checks: tuple[HealthCheck, ...] = ()
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    interval: float = 3600.0  # seconds between two update checks
+    jitter: float = 300.0  # up to this many seconds added at random, to spread a fleet
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    pre_reboot: tuple[str, ...] = ()
+    reboot: tuple[str, ...] = ("systemctl", "reboot")
+    post_commit: tuple[str, ...] = ()
+    timeout: float = 600.0  # seconds a hook may run before it counts as failed
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    repository: RepositoryConfig
+    device: DeviceConfig
+    # slot -> role -> PARTLABEL; read-only views, same roles in both slots.
+    slots: Mapping[str, Mapping[str, str]]
+    health: HealthConfig = field(default_factory=HealthConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The image roles of a slot (`root`, `boot`, ...), sorted."""
+        return tuple(sorted(self.slots[SLOTS[0]]))
+
+
+# --- validation helpers ----------------------------------------------------------------
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the key, unknown-key check."""
+
+    def __init__(self, file: Path, name: str, data: Mapping[str, Any], prefix: str = "") -> None:
+        self.file = file
+        self.name = name  # the table, as written in the file: "device", "slots.A"
+        self.data = data
+        self.prefix = prefix  # for inline tables: "checks[1]." in "[health] checks[1].http"
+        self.seen: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        key = self.prefix + key
+        where = f"[{self.name}] {key}" if key else f"[{self.name}]"
+        return ConfigError(f"config {self.file}: {where}: {message}")
+
+    def raw(self, key: str, required: bool) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                raise self.error(key, "missing (required)")
+            return None
+        return self.data[key]
+
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        value = self.raw(key, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, not {_toml_type(value)}")
+        if not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def required_string(self, key: str) -> str:
+        value = self.string(key, required=True)
+        assert value is not None  # required=True raised otherwise
+        return value
+
+    def path(self, key: str, *, required: bool = False) -> Path | None:
+        value = self.string(key, required=required)
+        if value is None:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() else self.file.parent / path
+
+    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
+        value = self.raw(key, False)
+        if value is None:
+            return default
+        # bool is an int in Python; `deadline = true` is a typo, not 1 second.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number, not {_toml_type(value)}")
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise self.error(key, f"{value} is out of range ({minimum:g} to {maximum:g})")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        value = self.raw(key, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be an integer, not {_toml_type(value)}")
+        if not minimum <= value <= maximum:
+            raise self.error(key, f"{value} is out of range ({minimum} to {maximum})")
+        return value
+
+    def argv(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.raw(key, False)
+        if value is None:
+            return default
+        return _argv(value, lambda msg: self.error(key, msg))
+
+    def url(self, key: str, schemes: Collection[str], *, required: bool = False) -> str | None:
+        value = self.string(key, required=required)
+        if value is None:
+            return None
+        _check_url(value, schemes, lambda msg: self.error(key, msg))
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            known = ", ".join(sorted(self.seen))
+            raise self.error(unknown[0], f"unknown key (known: {known})")
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return names.get(type(value), type(value).__name__)
+
+
+def _argv(value: Any, error: Callable[[str], ConfigError]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise error("must be a non-empty array of strings (a command and its arguments)")
+    if not all(isinstance(arg, str) for arg in value):
+        raise error("every element of the command must be a string")
+    if not value[0]:
+        raise error("the command name must not be empty")
+    return tuple(value)
+
+
+def _check_url(value: str, schemes: Collection[str], error: Callable[[str], ConfigError]) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in schemes)
+        raise error(f"{value!r} is not a URL this tool can use (allowed: {allowed})")
+    if parts.scheme != "file" and not parts.netloc:
+        raise error(f"{value!r} has no host")
+    if parts.scheme == "file" and not parts.path:
+        raise error(f"{value!r} has no path")
+
+
+def known_bootloaders() -> tuple[str, ...]:
+    """Names the `bootloader` key accepts: the registry's, once the backends exist."""
+    try:
+        # Imported by name: the backends are optional here and fill REGISTRY on import.
+        importlib.import_module("updater.boot.registry")
+    except ModuleNotFoundError as err:
+        if err.name != "updater.boot.registry":
+            raise
+    from updater.boot.base import REGISTRY
+
+    return tuple(sorted(REGISTRY)) if REGISTRY else FALLBACK_BOOTLOADERS
+
+
+# --- the tables ------------------------------------------------------------------------
+
+
+def _sub_table(parent: _Table, key: str, *, required: bool) -> _Table:
+    name = f"{parent.name}.{key}" if parent.name else key
+    parent.seen.add(key)
+    value = parent.data.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"config {parent.file}: [{name}]: missing (required)")
+        value = {}
+    if not isinstance(value, dict):
+        what = _toml_type(value)
+        raise ConfigError(f"config {parent.file}: [{name}]: must be a table, not {what}")
+    return _Table(parent.file, name, value)
+
+
+def _repository(t: _Table) -> RepositoryConfig:
+    metadata_url = t.url("metadata_url", REPOSITORY_SCHEMES, required=True)
+    targets_url = t.url("targets_url", REPOSITORY_SCHEMES, required=True)
+    trusted_root = t.path("trusted_root", required=True)
+    assert metadata_url is not None and targets_url is not None and trusted_root is not None
+    repo = RepositoryConfig(
+        metadata_url=metadata_url,
+        targets_url=targets_url,
+        trusted_root=trusted_root,
+        timeout=t.number("timeout", 30.0, minimum=0.1, maximum=3600),
+        retries=t.integer("retries", 3, minimum=0, maximum=100),
+        proxy=t.url("proxy", PROXY_SCHEMES),
+        ca_bundle=t.path("ca_bundle"),
+    )
+    t.finish()
+    return repo
+
+
+def _device(t: _Table) -> DeviceConfig:
+    hardware = t.required_string("hardware")
+    disk = t.path("disk", required=True)
+    assert disk is not None
+    bootloader = t.required_string("bootloader")
+    known = known_bootloaders()
+    if bootloader not in known:
+        names = ", ".join(known)
+        raise t.error("bootloader", f"unknown bootloader {bootloader!r} (known: {names})")
+    grubenv = t.path("grubenv")
+    if bootloader == "grub" and grubenv is None:
+        raise t.error("grubenv", "missing (required when bootloader = \"grub\")")
+    if bootloader != "grub" and grubenv is not None:
+        raise t.error("grubenv", f"only used by bootloader = \"grub\", not {bootloader!r}")
+    booted_slot = t.string("booted_slot") or "auto"
+    if booted_slot not in ("auto", *SLOTS):
+        allowed = ", ".join(("auto", *SLOTS))
+        raise t.error("booted_slot", f"{booted_slot!r} is not one of {allowed}")
+    device = DeviceConfig(
+        hardware=hardware,
+        disk=disk,
+        bootloader=bootloader,
+        channel=t.string("channel") or "stable",
+        grubenv=grubenv,
+        booted_slot=booted_slot,
+        state_dir=t.path("state_dir") or DeviceConfig.state_dir,
+    )
+    t.finish()
+    return device
+
+
+def _slots(root: _Table) -> Mapping[str, Mapping[str, str]]:
+    table = _sub_table(root, "slots", required=True)
+    result: dict[str, Mapping[str, str]] = {}
+    for slot in SLOTS:
+        sub = _sub_table(table, slot, required=True)
+        if not sub.data:
+            raise sub.error("", "names no partition (expected e.g. root = \"root_a\")")
+        roles: dict[str, str] = {}
+        for role in sub.data:
+            roles[role] = sub.required_string(role)
+        result[slot] = MappingProxyType(roles)
+    table.finish()
+    first, second = SLOTS
+    if set(result[first]) != set(result[second]):
+        missing = sorted(set(result[first]) ^ set(result[second]))[0]
+        lacking = second if missing in result[first] else first
+        raise ConfigError(
+            f"config {root.file}: [slots.{lacking}] {missing}: missing "
+            f"(slots.{first} and slots.{second} must name the same roles)"
+        )
+    labels = [label for roles in result.values() for label in roles.values()]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"config {root.file}: [slots]: partition {duplicates[0]!r} is named twice "
+            "(each role of each slot needs its own partition)"
+        )
+    return MappingProxyType(result)
+
+
+def _health(t: _Table) -> HealthConfig:
+    default_timeout = t.number("timeout", 10.0, minimum=0.1, maximum=3600)
+    raw_checks = t.raw("checks", False) or []
+    if not isinstance(raw_checks, list):
+        raise t.error("checks", f"must be an array of tables, not {_toml_type(raw_checks)}")
+    checks: list[HealthCheck] = []
+    for index, raw in enumerate(raw_checks):
+        key = f"checks[{index}]"
+        if not isinstance(raw, dict):
+            raise t.error(key, f"must be a table, not {_toml_type(raw)}")
+        check = _Table(t.file, t.name, raw, prefix=f"{key}.")
+        has_command, has_http = "command" in raw, "http" in raw
+        if has_command == has_http:
+            raise t.error(key, "needs exactly one of command = [...] or http = \"...\"")
+        command = http = None
+        if has_command:
+            check.seen.add("command")
+            command = check.argv("command", ())
+        else:
+            http = check.url("http", ("http", "https"), required=True)
+        timeout = check.number("timeout", default_timeout, minimum=0.1, maximum=3600)
+        check.seen.update(("command", "http"))  # name both in the unknown-key message
+        check.finish()
+        checks.append(HealthCheck(command=command, http=http, timeout=timeout))
+    health = HealthConfig(
+        deadline=t.number("deadline", 600.0, minimum=0, maximum=7 * 24 * 3600),
+        interval=t.number("interval", 10.0, minimum=0, maximum=3600),
+        timeout=default_timeout,
+        checks=tuple(checks),
+    )
+    t.finish()
+    return health
+
+
+def _daemon(t: _Table) -> DaemonConfig:
+    daemon = DaemonConfig(
+        interval=t.number("interval", 3600.0, minimum=1, maximum=30 * 24 * 3600),
+        jitter=t.number("jitter", 300.0, minimum=0, maximum=30 * 24 * 3600),
+    )
+    t.finish()
+    return daemon
+
+
+def _hooks(t: _Table) -> HooksConfig:
+    defaults = HooksConfig()
+    hooks = HooksConfig(
+        pre_reboot=t.argv("pre_reboot", defaults.pre_reboot),
+        reboot=t.argv("reboot", defaults.reboot),
+        post_commit=t.argv("post_commit", defaults.post_commit),
+        timeout=t.number("timeout", defaults.timeout, minimum=1, maximum=24 * 3600),
+    )
+    t.finish()
+    return hooks
+
+
+# --- entry points ----------------------------------------------------------------------
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate the TOML `text` of the config file `path` (used for messages and paths)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config {path}: not valid TOML: {err}") from err
+    root = _Table(path, "", data)
+    config = Config(
+        path=path,
+        repository=_repository(_sub_table(root, "repository", required=True)),
+        device=_device(_sub_table(root, "device", required=True)),
+        slots=_slots(root),
+        health=_health(_sub_table(root, "health", required=False)),
+        daemon=_daemon(_sub_table(root, "daemon", required=False)),
+        hooks=_hooks(_sub_table(root, "hooks", required=False)),
+    )
+    unknown = sorted(set(data) - root.seen)
+    if unknown:
+        known = ", ".join(sorted(root.seen))
+        raise ConfigError(f"config {path}: [{unknown[0]}]: unknown table (known: {known})")
+    return config
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config file at `path`."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config {path}: cannot read: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path}: not UTF-8 text: {err.reason}") from err
+    return parse_config(text, path)
+
+
+def check_partitions(config: Config, disk: Path | None = None) -> None:
+    """Check that every slot partition of `config` exists on `disk` (default: the config's).
+
+    Reads the disk's GPT; a block device and a disk image file are read the same way.
+    """
+    from updater.disk.blockdev import partition_labels  # the disk layer imports config
+
+    where = disk if disk is not None else config.device.disk
+    check_partition_labels(config, partition_labels(where), where)
+
+
+def check_partition_labels(config: Config, labels: Collection[str], disk: Path) -> None:
+    """Check that every slot partition named in `config` is among `labels`, found on `disk`.
+
+    The pure half of `check_partitions`: no I/O, so it is also usable on a planned layout.
+    """
+    where = disk
+    for slot in SLOTS:
+        for role, label in sorted(config.slots[slot].items()):
+            if label not in labels:
+                present = ", ".join(sorted(labels)) or "none"
+                raise ConfigError(
+                    f"config {config.path}: [slots.{slot}] {role} = {label!r}: no partition "
+                    f"named {label} on {where} (partitions: {present})"
+                )
