@@ -1,0 +1,355 @@
+"""Write one image into a partition of the inactive slot: stream -> decompress -> hash ->
+write -> fsync -> read back and verify.
+
+Invariants:
+- Nothing is opened for writing before `SlotGuard.check` has accepted the target, and
+  the descriptor that was opened is checked again (fstat) to be the file or device that
+  was checked, so the booted slot cannot be opened for writing through this module.
+- At most `raw_length` bytes are written, all inside `[target.offset, target.offset +
+  raw_length)`; an image larger than the partition is refused before anything is
+  opened, and a stream producing more than `raw_length` raw bytes is aborted before the
+  excess is written. The rest of the partition (beyond `raw_length`) is left as it was:
+  images carry their own filesystem size, and `raw_sha256` covers `raw_length` bytes.
+- The input stream is untrusted until its iterator is exhausted without error (the
+  repository verifies length and hashes at the end); success is only returned after the
+  iterator ended, the raw length and sha256 matched, the data was fsync'd, and the range
+  read back from the device (page cache dropped first) hashed to `raw_sha256`.
+- Memory is bounded by one write block (`BLOCK_SIZE`) plus one input chunk and the
+  decoder's window, whatever the image size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from updater.decompress import COMPRESSIONS, ChunkSource, open_raw_reader
+from updater.errors import DeviceError, SlotGuardError, UpdateRejected
+from updater.slots import PartitionTarget
+
+BLOCK_SIZE = 4 << 20  # one pwrite; large and aligned (partitions start on MiB boundaries)
+PROGRESS_INTERVAL = 0.5  # seconds between progress callbacks
+_SECTOR = 512  # sysfs reports partition starts in 512-byte sectors, whatever the device
+
+Progress = Callable[[int, int], None]
+
+
+class ImageRejected(UpdateRejected):
+    """The image stream is bad: too long, too short, wrong raw hash, too big for the slot."""
+
+
+class WriteFailed(DeviceError):
+    """Opening, writing, syncing or reading back the target partition failed."""
+
+
+class ReadBackMismatch(DeviceError):
+    """What the partition holds is not the image: the read-back hash differs."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What `write_image` did; `seconds` is the whole call, the others are its parts."""
+
+    bytes_written: int
+    raw_sha256: str
+    compressed_bytes: int
+    seconds: float
+    write_seconds: float  # stream, decompress, hash, write and fsync
+    verify_seconds: float  # read back and hash
+
+
+# --- the guard -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range on one underlying object: a regular file or a whole block device."""
+
+    device: tuple[str, int, int]  # ("file", st_dev, st_ino) or ("block", major, minor)
+    start: int
+    end: int
+
+    def overlaps(self, other: Extent) -> bool:
+        return self.device == other.device and self.start < other.end and other.start < self.end
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise SlotGuardError(f"cannot check {path}: {err.strerror}") from err
+
+
+def _identity(st: os.stat_result) -> tuple[str, int, int]:
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", os.major(st.st_rdev), os.minor(st.st_rdev))
+    return ("file", st.st_dev, st.st_ino)
+
+
+def resolve_extent(
+    path: Path, offset: int, size: int, st: os.stat_result | None = None, _depth: int = 0
+) -> Extent:
+    """Where `size` bytes at `offset` in `path` really live.
+
+    A partition node becomes its whole disk at the partition's start; a loop device
+    becomes its backing file (or device) at the loop offset - both from sysfs, so
+    /dev/loop0p2, /dev/loop0 at an offset and the image file behind them all compare
+    equal. Unresolvable block devices raise `SlotGuardError` (fail closed). `st` is
+    `os.stat(path)` when the caller already has it.
+    """
+    if st is None:
+        st = _stat(path)
+    if stat.S_ISREG(st.st_mode):
+        return Extent(_identity(st), offset, offset + size)
+    if not stat.S_ISBLK(st.st_mode):
+        raise SlotGuardError(f"{path} is neither a block device nor a regular file")
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    try:
+        node = Path(f"/sys/dev/block/{major}:{minor}").resolve(strict=True)
+        if (node / "partition").exists():
+            offset += int((node / "start").read_text()) * _SECTOR
+            node = node.parent
+            major, minor = (int(x) for x in (node / "dev").read_text().split(":"))
+        backing = node / "loop" / "backing_file"
+        if backing.exists() and _depth < 4:
+            offset += int((node / "loop" / "offset").read_text())
+            backing_path = Path(backing.read_text().strip())
+            return resolve_extent(backing_path, offset, size, None, _depth + 1)
+    except (OSError, ValueError) as err:
+        raise SlotGuardError(f"cannot resolve block device {path} through sysfs: {err}") from err
+    return Extent(("block", major, minor), offset, offset + size)
+
+
+class SlotGuard:
+    """Refuses any target that is, or overlaps, a partition of the booted slot."""
+
+    def __init__(self, booted: Iterable[PartitionTarget]) -> None:
+        self._booted = tuple(booted)
+        if not self._booted:
+            raise SlotGuardError("no partition of the booted slot given; refusing to write")
+        slots = {t.slot for t in self._booted}
+        if len(slots) != 1:
+            raise SlotGuardError(f"booted partitions span several slots: {sorted(slots)}")
+        self.booted_slot = slots.pop()
+        # Resolved once, now: a booted partition that cannot be resolved fails closed.
+        self._extents = [(t, resolve_extent(t.path, t.offset, t.size)) for t in self._booted]
+
+    def check(self, target: PartitionTarget, st: os.stat_result | None = None) -> Extent:
+        """The resolved extent of `target`, or `SlotGuardError` if it touches the booted slot.
+
+        `st` is the `os.stat` of `target.path` the caller will compare its open descriptor
+        with (see `_open_for_writing`), so what was checked is what gets written.
+        """
+        if target.slot == self.booted_slot:
+            raise SlotGuardError(
+                f"refusing to write {target.describe()}: slot {target.slot} is the booted slot"
+            )
+        extent = resolve_extent(target.path, target.offset, target.size, st)
+        for booted, booted_extent in self._extents:
+            if extent.overlaps(booted_extent):
+                raise SlotGuardError(
+                    f"refusing to write {target.describe()}: it overlaps the booted "
+                    f"{booted.describe()}"
+                )
+        return extent
+
+
+def _open_for_writing(guard: SlotGuard, target: PartitionTarget) -> int:
+    """A write descriptor on `target`, only after the guard accepted it."""
+    before = _stat(target.path)
+    guard.check(target, before)
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    if stat.S_ISBLK(before.st_mode):
+        flags |= os.O_EXCL  # a block device that is mounted or claimed is refused: EBUSY
+    try:
+        fd = os.open(target.path, flags)
+    except OSError as err:
+        raise WriteFailed(f"cannot open {target.describe()} for writing: {err.strerror}") from err
+    try:
+        if _identity(os.fstat(fd)) != _identity(before):
+            raise SlotGuardError(
+                f"{target.describe()}: {target.path} was replaced while opening it"
+            )
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if target.offset + target.size > end:
+            raise WriteFailed(
+                f"{target.describe()}: partition ends at byte {target.offset + target.size}"
+                f" but {target.path} has only {end} bytes"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# --- writing and verifying -----------------------------------------------------------
+
+
+def _check_args(target: PartitionTarget, compression: str, raw_length: int, sha: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ImageRejected(
+            f"image for {target.describe()}: unknown compression {compression!r}"
+        )
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ImageRejected(f"image for {target.describe()}: raw_sha256 {sha!r} is not a sha256")
+    if raw_length <= 0:
+        raise ImageRejected(f"image for {target.describe()}: raw_length {raw_length} <= 0")
+    if raw_length > target.size:
+        raise ImageRejected(
+            f"image of {raw_length} bytes does not fit {target.describe()}"
+            f" of {target.size} bytes"
+        )
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def write_image(
+    chunks: Iterable[bytes],
+    target: PartitionTarget,
+    *,
+    compression: str,
+    raw_length: int,
+    raw_sha256: str,
+    guard: SlotGuard,
+    progress: Progress | None = None,
+) -> WriteResult:
+    """Stream one (compressed) image into `target`, then read it back and verify it."""
+    raw_sha256 = raw_sha256.lower()
+    _check_args(target, compression, raw_length, raw_sha256)
+    started = time.monotonic()
+    source = ChunkSource(chunks)
+    try:
+        fd = _open_for_writing(guard, target)
+        try:
+            done, got_sha = _stream_into(fd, source, target, compression, raw_length, progress)
+        finally:
+            os.close(fd)
+    finally:
+        source.close()
+    if got_sha != raw_sha256:
+        raise ImageRejected(
+            f"image written to {target.describe()} has raw sha256 {got_sha},"
+            f" expected {raw_sha256}"
+        )
+    written = time.monotonic()
+    read_back_verify(target, raw_length, raw_sha256)
+    finished = time.monotonic()
+    if progress is not None:
+        progress(done, raw_length)
+    return WriteResult(
+        bytes_written=done,
+        raw_sha256=got_sha,
+        compressed_bytes=source.consumed,
+        seconds=finished - started,
+        write_seconds=written - started,
+        verify_seconds=finished - written,
+    )
+
+
+def _stream_into(
+    fd: int,
+    source: ChunkSource,
+    target: PartitionTarget,
+    compression: str,
+    raw_length: int,
+    progress: Progress | None,
+) -> tuple[int, str]:
+    """Decompress `source` into `fd` at the target's offset; (raw bytes, sha256 hex)."""
+    what = f"image for {target.describe()}"
+    reader = open_raw_reader(source, compression, what)
+    buf = bytearray(BLOCK_SIZE)
+    view = memoryview(buf)
+    digest = hashlib.sha256()
+    done = 0
+    last_report = time.monotonic()
+    if progress is not None:
+        progress(0, raw_length)
+    while True:
+        # Ask for one byte more than the image may still hold, so an over-long stream
+        # is caught without writing its excess.
+        want = min(BLOCK_SIZE, raw_length - done + 1)
+        fill = 0
+        while fill < want:
+            n = reader.readinto(view[fill:want])
+            if n == 0:
+                break
+            fill += n
+        if done + fill > raw_length:
+            raise ImageRejected(f"{what}: stream has more than raw_length={raw_length} bytes")
+        if fill:
+            block = view[:fill]
+            digest.update(block)
+            try:
+                _pwrite_all(fd, block, target.offset + done)
+            except OSError as err:
+                raise WriteFailed(
+                    f"writing {target.describe()} at byte {done}: {err.strerror}"
+                ) from err
+            done += fill
+            if progress is not None and time.monotonic() - last_report >= PROGRESS_INTERVAL:
+                progress(done, raw_length)
+                last_report = time.monotonic()
+        if fill < want:  # the reader ended: stream complete and iterator exhausted
+            break
+    if done != raw_length:
+        raise ImageRejected(f"{what}: stream ended after {done} of {raw_length} raw bytes")
+    try:
+        os.fsync(fd)
+        # Drop the now clean pages so the read-back comes from the device, not the cache.
+        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
+    except OSError as err:
+        raise WriteFailed(f"syncing {target.describe()}: {err.strerror}") from err
+    return done, digest.hexdigest()
+
+
+def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) -> None:
+    """Check that the first `raw_length` bytes of `target` hash to `raw_sha256`.
+
+    Reads the device, not the page cache (clean cached pages of the range are dropped
+    first). Raises `ReadBackMismatch` naming slot, partition and both hashes.
+    """
+    if raw_length <= 0 or raw_length > target.size:
+        raise ImageRejected(
+            f"cannot verify {raw_length} bytes in {target.describe()} of {target.size} bytes"
+        )
+    digest = hashlib.sha256()
+    buf = bytearray(BLOCK_SIZE)
+    view = memoryview(buf)
+    try:
+        fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise WriteFailed(f"cannot open {target.describe()} to verify: {err.strerror}") from err
+    try:
+        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_SEQUENTIAL)
+        done = 0
+        while done < raw_length:
+            want = min(BLOCK_SIZE, raw_length - done)
+            n = os.preadv(fd, [view[:want]], target.offset + done)
+            if n == 0:
+                raise ReadBackMismatch(
+                    f"{target.describe()} ends after {done} of {raw_length} bytes"
+                )
+            digest.update(view[:n])
+            done += n
+        # Do not leave a GiB of image in the page cache after verifying it.
+        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
+    except OSError as err:
+        raise WriteFailed(f"reading back {target.describe()}: {err.strerror}") from err
+    finally:
+        os.close(fd)
+    got = digest.hexdigest()
+    if got != raw_sha256.lower():
+        raise ReadBackMismatch(
+            f"{target.describe()} holds sha256 {got} over {raw_length} bytes,"
+            f" expected {raw_sha256.lower()}"
+        )
