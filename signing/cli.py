@@ -1,17 +1,306 @@
-"""`sign-release`: the command line of the offline release tooling."""
+"""`sign-release`: the command line of the offline release tooling.
+
+Thin commands over `signing.repository` / `signing.keys`: parse options, build the
+passphrase and PIN sources (file, environment, terminal prompt - never an argument),
+call the library, print a short result. Errors from the library are `UpdaterError`s
+that `ErrorHandlingGroup` prints as one line with their exit code.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
 import click
 
+from signing import repository as repo_ops
+from signing.compress import COMPRESSIONS
+from signing.errors import KeyFileError, SigningError
+from signing.keys import (
+    KEY_TYPES,
+    PASSPHRASE_ENV,
+    PIN_ENV,
+    Secrets,
+    generate_key,
+    hsm_public_key,
+    load_public_key,
+    write_public_key,
+)
+from signing.status import format_status, repository_status
+from signing.store import ROLES
+from signing.verify import verify_repository
 from updater import __version__
-from updater.cliutil import ErrorHandlingGroup
+from updater.cliutil import ErrorHandlingGroup, echo_json
+
+F = TypeVar("F", bound=Callable[..., Any])
+PathArg = click.Path(path_type=Path)
+
+
+def _read_passphrase_file(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise KeyFileError(f"passphrase file {path}: cannot read: {e.strerror}") from e
+    # One line; the trailing newline an editor adds is not part of the passphrase.
+    return data.splitlines()[0] if data.strip() else b""
+
+
+def _secrets(passphrase_file: Path | None) -> Secrets:
+    def passphrase(what: str) -> bytes | None:
+        if passphrase_file is not None:
+            return _read_passphrase_file(passphrase_file)
+        if (env := os.environ.get(PASSPHRASE_ENV)) is not None:
+            return env.encode()
+        if sys.stdin.isatty():
+            return str(click.prompt(f"Passphrase for {what}", hide_input=True)).encode()
+        return None
+
+    def pin(what: str) -> str:
+        if (env := os.environ.get(PIN_ENV)) is not None:
+            return env
+        if sys.stdin.isatty():
+            return str(click.prompt(f"Token {what}", hide_input=True))
+        raise KeyFileError(f"the token asks for its {what}: set {PIN_ENV} or use a terminal")
+
+    return Secrets(passphrase, pin)
+
+
+def passphrase_option(f: F) -> F:
+    return click.option(
+        "--passphrase-file", type=PathArg,
+        help=f"File whose first line is the key passphrase (else ${PASSPHRASE_ENV}, "
+             "else a prompt on a terminal).",
+    )(f)
+
+
+def sign_with_option(
+    required: bool = True, help: str = "Private key file or URI."
+) -> Callable[[F], F]:
+    return click.option("--sign-with", "sign_with", multiple=True, required=required,
+                        metavar="KEY", help=help + " Repeat for more signatures.")
+
+
+def _parse_expires(values: Sequence[str], allowed: Sequence[str]) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for value in values:
+        role, sep, days = value.partition("=")
+        if not sep or role not in allowed or not days.strip().isdigit():
+            raise SigningError(
+                f"--expires {value!r}: expected ROLE=DAYS with ROLE one of {', '.join(allowed)}"
+            )
+        result[role] = int(days)
+    return result
+
+
+def _public_keys(paths: Sequence[Path]) -> list[Any]:
+    return [load_public_key(p) for p in paths]
 
 
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sign-release")
 def cli() -> None:
     """Sign OS images into a TUF repository that every node verifies."""
+
+
+@cli.command()
+@click.argument("path", type=PathArg)
+@click.option("--type", "key_type", type=click.Choice(KEY_TYPES), default="ed25519",
+              show_default=True)
+@click.option("--no-passphrase", is_flag=True, help="Store the private key unencrypted.")
+@passphrase_option
+def keygen(path: Path, key_type: str, no_passphrase: bool, passphrase_file: Path | None) -> None:
+    """Generate a key pair: PATH (private, PEM PKCS#8, 0600) and PATH.pub."""
+    passphrase: bytes | None = None
+    if no_passphrase and passphrase_file is not None:
+        raise SigningError("--no-passphrase and --passphrase-file exclude each other")
+    if passphrase_file is not None:
+        passphrase = _read_passphrase_file(passphrase_file)
+    elif no_passphrase:
+        passphrase = None
+    elif (env := os.environ.get(PASSPHRASE_ENV)) is not None:
+        passphrase = env.encode()
+    elif sys.stdin.isatty():
+        passphrase = str(click.prompt(f"New passphrase for {path}", hide_input=True,
+                                      confirmation_prompt=True)).encode()
+    else:
+        raise SigningError(f"no passphrase for {path}: give --passphrase-file, set "
+                           f"{PASSPHRASE_ENV}, or --no-passphrase")
+    key = generate_key(path, key_type, passphrase)
+    click.echo(f"{path}: {key.keytype}/{key.scheme} keyid {key.keyid}")
+
+
+@cli.command()
+@click.argument("uri")
+@click.argument("out", type=PathArg)
+def pubkey(uri: str, out: Path) -> None:
+    """Export the public key of a token key (URI like hsm:2?label=NAME) to OUT (.pub)."""
+    if out.exists():
+        raise KeyFileError(f"{out}: already exists; refusing to overwrite a key")
+    key = hsm_public_key(uri, _secrets(None).pins)
+    write_public_key(out, key)
+    click.echo(f"{out}: {key.keytype}/{key.scheme} keyid {key.keyid}")
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.option("--from-root", type=PathArg, metavar="ROOT.json",
+              help="Use this signed root v1 instead of the key options below.")
+@click.option("--root-key", multiple=True, type=PathArg, metavar="PUB")
+@click.option("--root-threshold", type=int, default=1, show_default=True)
+@click.option("--targets-key", multiple=True, type=PathArg, metavar="PUB")
+@click.option("--targets-threshold", type=int, default=1, show_default=True)
+@click.option("--snapshot-key", multiple=True, type=PathArg, metavar="PUB")
+@click.option("--timestamp-key", multiple=True, type=PathArg, metavar="PUB")
+@click.option("--expires", multiple=True, metavar="ROLE=DAYS",
+              help="Expiry in days (defaults: root 365, targets 90, snapshot 7, timestamp 1).")
+@sign_with_option(required=False, help="Root private key file or URI.")
+@passphrase_option
+def init(repo: Path, from_root: Path | None, root_key: tuple[Path, ...], root_threshold: int,
+         targets_key: tuple[Path, ...], targets_threshold: int,
+         snapshot_key: tuple[Path, ...], timestamp_key: tuple[Path, ...],
+         expires: tuple[str, ...], sign_with: tuple[str, ...],
+         passphrase_file: Path | None) -> None:
+    """Create a repository with staged root v1 and empty targets v1."""
+    if from_root is not None:
+        if root_key or targets_key or snapshot_key or timestamp_key or sign_with:
+            raise SigningError("--from-root excludes the --*-key and --sign-with options")
+        repo_ops.init_from_root(repo, from_root, expires=_parse_expires(expires, ROLES))
+        click.echo(f"{repo}: initialised from {from_root}; add releases, then publish")
+        return
+    for name, given in (("--root-key", root_key), ("--targets-key", targets_key),
+                        ("--snapshot-key", snapshot_key), ("--timestamp-key", timestamp_key)):
+        if not given:
+            raise SigningError(f"init needs {name} (or --from-root)")
+    repo_ops.init_repository(
+        repo, root_keys=_public_keys(root_key), targets_keys=_public_keys(targets_key),
+        snapshot_keys=_public_keys(snapshot_key), timestamp_keys=_public_keys(timestamp_key),
+        sign_with=sign_with, root_threshold=root_threshold,
+        targets_threshold=targets_threshold, expires=_parse_expires(expires, ROLES),
+        secrets=_secrets(passphrase_file),
+    )
+    click.echo(f"{repo}: initialised; add releases, then publish")
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.argument("image", type=PathArg)
+@click.option("--version", "version", required=True, help="Release version (semver).")
+@click.option("--hardware", multiple=True, required=True, help="Hardware name; repeatable.")
+@click.option("--role", default="root", show_default=True, help="Slot partition it goes to.")
+@click.option("--channel", default="stable", show_default=True)
+@click.option("--compress", "compression", type=click.Choice(COMPRESSIONS), default="zstd",
+              show_default=True)
+@click.option("--expires", "expires_days", type=int, help="Targets expiry in days (90).")
+@sign_with_option(help="Targets private key file or URI.")
+@passphrase_option
+def add(repo: Path, image: Path, version: str, hardware: tuple[str, ...], role: str,
+        channel: str, compression: str, expires_days: int | None, sign_with: tuple[str, ...],
+        passphrase_file: Path | None) -> None:
+    """Compress IMAGE into REPO and stage it in targets, signed."""
+    release = repo_ops.Release(image, version, hardware, role, channel, compression)
+    files = repo_ops.add_release(repo, release, sign_with, expires_days=expires_days,
+                                 secrets=_secrets(passphrase_file))
+    for tf in files:
+        click.echo(f"staged {tf.path} ({tf.length} bytes, sha256 {tf.hashes['sha256']})")
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.argument("role", type=click.Choice(["root", "targets"]))
+@click.option("--expires", "expires_days", type=int,
+              help="Start a new version with this expiry in days (drops signatures).")
+@sign_with_option()
+@passphrase_option
+def sign(repo: Path, role: str, expires_days: int | None, sign_with: tuple[str, ...],
+         passphrase_file: Path | None) -> None:
+    """Add signatures to the staged ROLE (threshold signing)."""
+    t = repo_ops.sign_role(repo, role, sign_with, expires_days=expires_days,
+                           secrets=_secrets(passphrase_file))
+    click.echo(f"{role}: {len(t.signed)} of {t.threshold} signatures"
+               + (f", {t.missing} more needed" if t.missing else ", ready to publish"))
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.option("--snapshot-key", multiple=True, required=True, metavar="KEY")
+@click.option("--timestamp-key", multiple=True, required=True, metavar="KEY")
+@click.option("--expires", multiple=True, metavar="ROLE=DAYS",
+              help="snapshot=DAYS, timestamp=DAYS.")
+@passphrase_option
+def publish(repo: Path, snapshot_key: tuple[str, ...], timestamp_key: tuple[str, ...],
+            expires: tuple[str, ...], passphrase_file: Path | None) -> None:
+    """Publish staged roles with a new snapshot and timestamp."""
+    result = repo_ops.publish(repo, snapshot_key, timestamp_key,
+                              expires=_parse_expires(expires, ("snapshot", "timestamp")),
+                              secrets=_secrets(passphrase_file))
+    click.echo("published " + ", ".join(f"{r} v{v}" for r, v in result.versions.items()))
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.option("--timestamp-key", multiple=True, required=True, metavar="KEY")
+@click.option("--expires", multiple=True, metavar="timestamp=DAYS")
+@passphrase_option
+def timestamp(repo: Path, timestamp_key: tuple[str, ...], expires: tuple[str, ...],
+              passphrase_file: Path | None) -> None:
+    """Re-sign timestamp.json (online key only), e.g. from cron."""
+    version = repo_ops.refresh_timestamp(repo, timestamp_key,
+                                         expires=_parse_expires(expires, ("timestamp",)),
+                                         secrets=_secrets(passphrase_file))
+    click.echo(f"published timestamp v{version}")
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.argument("role", type=click.Choice(ROLES))
+@click.option("--add-key", multiple=True, type=PathArg, metavar="PUB")
+@click.option("--remove-key", multiple=True, metavar="KEYID|PUB",
+              help="Keyid (or unique prefix of 8+ characters) or .pub file.")
+@click.option("--threshold", type=int)
+@click.option("--expires", "expires_days", type=int, help="New root's expiry in days.")
+@sign_with_option(required=False, help="Root private key file or URI (old or new root).")
+@passphrase_option
+def rotate(repo: Path, role: str, add_key: tuple[Path, ...], remove_key: tuple[str, ...],
+           threshold: int | None, expires_days: int | None, sign_with: tuple[str, ...],
+           passphrase_file: Path | None) -> None:
+    """Stage a new root that changes ROLE's keys."""
+    removed = [load_public_key(Path(k)).keyid if Path(k).is_file() else k for k in remove_key]
+    t = repo_ops.rotate(repo, role, add_keys=_public_keys(add_key), remove_keyids=removed,
+                        threshold=threshold, sign_with=sign_with, expires_days=expires_days,
+                        secrets=_secrets(passphrase_file))
+    click.echo(f"staged new root: {len(t.signed)} of {t.threshold} signatures from its keys"
+               + ("; targets staged, re-sign it with its new keys" if role == "targets" else ""))
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.option("--root", "root_json", type=PathArg, required=True, help="Trusted root.json.")
+@click.option("--json", "as_json", is_flag=True)
+def verify(repo: Path, root_json: Path, as_json: bool) -> None:
+    """Verify REPO as a node would (ngclient); exit 0 only if everything is valid."""
+    report = verify_repository(repo, root_json)
+    if as_json:
+        echo_json({"ok": True, **report.__dict__, "targets": list(report.targets)})
+        return
+    click.echo(f"OK: root v{report.root_version}, targets v{report.targets_version}, "
+               f"snapshot v{report.snapshot_version}, timestamp v{report.timestamp_version}; "
+               f"{len(report.targets)} targets, {report.bytes_verified} bytes verified")
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.option("--json", "as_json", is_flag=True)
+def status(repo: Path, as_json: bool) -> None:
+    """Show each role's version, signatures vs threshold, keyids and expiry."""
+    data = repository_status(repo)
+    if as_json:
+        echo_json(data)
+    else:
+        for line in format_status(data):
+            click.echo(line)
 
 
 def main() -> None:

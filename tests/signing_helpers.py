@@ -1,0 +1,87 @@
+"""Build signed TUF repositories for tests and benchmarks, with the real signing tools.
+
+Repositories are made by `signing.repository` (the library behind `sign-release`) from
+the INSECURE example keys in keys-example/; their `metadata/1.root.json` is exactly
+`ROOT_JSON`, so a client bootstrapped with `ROOT_JSON` trusts every one of them.
+
+    repo = make_repo(tmp_path / "repo", [ImageSpec(img, "1.2.0")])
+    add_release(repo, [ImageSpec(img2, "1.3.0", hardware=("x86_64-efi",))])
+    publish(repo)
+    # serve repo/metadata/ and repo/targets/ (e.g. http.server on 127.0.0.1)
+
+Target paths are `<hardware>/<version>/<role>.img<.zst|.xz|.gz>`, one per hardware
+name, with `custom.release` = {version, hardware: [hw], channel, role, compression,
+raw_length, raw_sha256}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from signing import repository as ops
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KEYS_DIR = REPO_ROOT / "keys-example"
+ROOT_JSON = KEYS_DIR / "root.json"  # trusted root v1 for clients of helper-made repos
+ROOT_KEY = KEYS_DIR / "root"
+TARGETS_KEY = KEYS_DIR / "targets"
+SNAPSHOT_KEY = KEYS_DIR / "snapshot"
+TIMESTAMP_KEY = KEYS_DIR / "timestamp"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image to add: a raw image file and its release fields."""
+
+    path: Path
+    version: str
+    role: str = "root"
+    hardware: tuple[str, ...] = ("x86_64-efi",)
+    channel: str = "stable"
+    compression: str = "zstd"  # zstd, xz, gzip or none
+
+    def release(self) -> ops.Release:
+        return ops.Release(self.path, self.version, tuple(self.hardware), self.role,
+                           self.channel, self.compression)
+
+
+def add_release(repo: Path, images: Sequence[ImageSpec]) -> list[str]:
+    """Stage `images` (signed with the example targets key); returns the target paths.
+    Call `publish(repo)` to make them visible to clients."""
+    paths: list[str] = []
+    for spec in images:
+        files = ops.add_release(repo, spec.release(), [str(TARGETS_KEY)])
+        paths.extend(tf.path for tf in files)
+    return paths
+
+
+def publish(repo: Path, expires: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Publish what is staged with a new snapshot and timestamp; returns the versions.
+    `expires` may set {"snapshot": days, "timestamp": days} (0 = already expired)."""
+    result = ops.publish(repo, [str(SNAPSHOT_KEY)], [str(TIMESTAMP_KEY)], expires=expires)
+    return result.versions
+
+
+def make_repo(dest: Path, images: Sequence[ImageSpec] = (),
+              expires: Mapping[str, int] | None = None) -> Path:
+    """Create a published repository at `dest` (absent or empty) holding `images`."""
+    ops.init_from_root(dest, ROOT_JSON)
+    add_release(dest, images)
+    publish(dest, expires)
+    return dest
+
+
+def write_image(path: Path, size: int, seed: int = 0) -> Path:
+    """A deterministic, partly compressible test image of `size` bytes."""
+    block = bytes((i * 7 + seed) % 251 for i in range(4096))
+    with path.open("wb") as f:
+        left = size
+        n = 0
+        while left > 0:
+            chunk = (block if n % 2 else (n + seed).to_bytes(8, "little") * 512)[:left]
+            f.write(chunk)
+            left -= len(chunk)
+            n += 1
+    return path
