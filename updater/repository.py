@@ -1,0 +1,493 @@
+"""TUF on the node: refresh trusted metadata, list targets, stream a target with resume.
+
+python-tuf's `ngclient.Updater` does every trust decision (root rotation, rollback and
+freeze protection, signatures, thresholds, snapshot/targets consistency). This module
+adds what the agent needs around it:
+
+* `RequestsFetcher` - ngclient's network layer over ONE `requests.Session`, so proxies,
+  TLS and timeouts are configured once for metadata and images alike; it also reads
+  `file://` URLs (a mounted USB mirror) with the same length limits.
+* `Repository.stream_target` - ngclient's `download_target` copies a whole target to a
+  temporary file first, which is too much for GiB images. We stream instead, counting
+  against the trusted `length` and hashing with every listed algorithm.
+
+Invariants:
+
+* Only verified metadata is ever used: `targets()` reads ngclient's trusted set, and
+  every delegated target is confirmed through ngclient's own `get_targetinfo`.
+* Every read of untrusted bytes is bounded: metadata by ngclient's `UpdaterConfig`
+  limits (also for `file://`), targets by the trusted `length` (the stream aborts the
+  moment one byte more arrives), the bootstrap root by `root_max_length`.
+* A streamed target is untrusted until the generator returns: the length and every
+  hash are checked BEFORE it returns, and a mismatch raises `TargetRejected`.
+  Resume (HTTP `Range`) is in-process only, so the hashes cover the whole file.
+* ngclient's cache writes go through temp file + fsync + rename + fsync of the dir.
+* Errors are mapped: `tuf.api.exceptions.RepositoryError` (and metadata longer than
+  allowed) -> `MetadataRejected`; network and HTTP failures -> `DownloadFailed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib import parse
+
+import requests
+from tuf.api import exceptions as tuf_exc
+
+# tuf.api.metadata is the documented home of these classes but does not re-export them
+# explicitly; mypy resolves the real classes anyway (see updater/release.py).
+from tuf.api.metadata import TargetFile, Targets  # type: ignore[attr-defined]
+from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from updater.errors import ConfigError, UpdateFailed, UpdateRejected
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF = 30.0  # seconds; caps the exponential backoff between resume attempts
+
+
+class MetadataRejected(UpdateRejected):
+    """TUF metadata failed verification (signature, threshold, rollback, expiry...)."""
+
+
+class TargetRejected(UpdateRejected):
+    """A target is unknown, or its bytes do not match the trusted length or hashes."""
+
+
+class DownloadFailed(UpdateFailed):
+    """Metadata or a target could not be fetched (network, HTTP error, retries used up)."""
+
+
+@runtime_checkable
+class ResumableFetcher(Protocol):
+    """A fetcher that can start a download at a byte offset (HTTP Range or seek)."""
+
+    def fetch_from(self, url: str, offset: int, chunk_size: int | None = None) -> Iterator[bytes]:
+        """Bytes of `url` from `offset` on; raises tuf DownloadError subclasses."""
+        ...
+
+
+def _content_range_start(value: str | None) -> int | None:
+    """The first byte of a `Content-Range: bytes a-b/n` header, None if unparsable."""
+    if value is None or not value.startswith("bytes "):
+        return None
+    first, _, _ = value[len("bytes ") :].partition("-")
+    return int(first) if first.isdigit() else None
+
+
+class RequestsFetcher(FetcherInterface):
+    """ngclient's fetcher over one shared `requests.Session`, plus `file://` URLs.
+
+    `timeout` is (connect, read) seconds for every request. Bodies are asked for with
+    `Accept-Encoding: identity`: byte counts, ranges and hashes are about the stored
+    file, and a compressed transfer could otherwise inflate past any limit.
+    """
+
+    def __init__(
+        self,
+        session: requests.Session | None = None,
+        *,
+        timeout: tuple[float, float] = (10.0, 30.0),
+        chunk_size: int = 1 << 16,
+    ) -> None:
+        self.session = session if session is not None else requests.Session()
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        return self.fetch_from(url, 0)
+
+    def fetch_from(self, url: str, offset: int, chunk_size: int | None = None) -> Iterator[bytes]:
+        """Open `url` at `offset` now (errors raised here), return the body iterator.
+
+        A 206 must carry a Content-Range starting at `offset`. A server that ignores
+        Range and answers 200 is handled by reading and discarding the first `offset`
+        bytes, so the caller still receives exactly the bytes from `offset` on.
+        """
+        size = chunk_size or self.chunk_size
+        split = parse.urlsplit(url)
+        if split.scheme == "file":
+            return self._fetch_file(url, split, offset, size)
+        if split.scheme not in ("http", "https"):
+            raise tuf_exc.DownloadError(f"unsupported URL scheme {split.scheme!r} in {url}")
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            resp = self.session.get(url, stream=True, timeout=self.timeout, headers=headers)
+        except requests.Timeout as e:
+            raise tuf_exc.SlowRetrievalError(f"timed out fetching {url}") from e
+        except requests.RequestException as e:
+            raise tuf_exc.DownloadError(f"cannot fetch {url}: {e}") from e
+        status = resp.status_code
+        skip = 0
+        if offset and status == 206:
+            start = _content_range_start(resp.headers.get("Content-Range"))
+            if start != offset:
+                resp.close()
+                raise tuf_exc.DownloadError(
+                    f"{url} answered Range bytes={offset}- with Content-Range "
+                    f"{resp.headers.get('Content-Range')!r}"
+                )
+        elif status == 200:
+            skip = offset
+        else:
+            resp.close()
+            raise tuf_exc.DownloadHTTPError(f"HTTP {status} fetching {url}", status)
+        return self._iter_response(resp, url, skip, size)
+
+    @staticmethod
+    def _iter_response(
+        resp: requests.Response, url: str, skip: int, size: int
+    ) -> Iterator[bytes]:
+        try:
+            for chunk in resp.iter_content(size):
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    skip -= dropped
+                    chunk = chunk[dropped:]
+                if chunk:
+                    yield chunk
+        except requests.RequestException as e:
+            # Dropped connections, truncated bodies and read timeouts all land here.
+            raise tuf_exc.DownloadError(f"connection lost while reading {url}: {e}") from e
+        finally:
+            resp.close()
+        if skip:
+            raise tuf_exc.DownloadError(f"{url} is shorter than the resume offset")
+
+    @staticmethod
+    def _fetch_file(
+        url: str, split: parse.SplitResult, offset: int, size: int
+    ) -> Iterator[bytes]:
+        if split.netloc not in ("", "localhost"):
+            raise tuf_exc.DownloadError(f"file URL with a remote host: {url}")
+        path = parse.unquote(split.path)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the generator below
+        except FileNotFoundError as e:
+            # ngclient stops looking for newer root versions on 404; keep that meaning.
+            raise tuf_exc.DownloadHTTPError(f"{url}: no such file", 404) from e
+        except OSError as e:
+            raise tuf_exc.DownloadError(f"cannot open {url}: {e.strerror}") from e
+
+        def chunks() -> Iterator[bytes]:
+            with f:
+                try:
+                    f.seek(offset)
+                    while chunk := f.read(size):
+                        yield chunk
+                except OSError as e:
+                    raise tuf_exc.DownloadError(f"cannot read {url}: {e.strerror}") from e
+
+        return chunks()
+
+
+class _RecordingFetcher(FetcherInterface):
+    """Remembers the last URL ngclient asked for, so errors can name the file."""
+
+    def __init__(self, inner: FetcherInterface) -> None:
+        self.inner = inner
+        self.last_url = "(nothing fetched yet)"
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        self.last_url = url
+        return self.inner.fetch(url)
+
+
+class _DurableUpdater(Updater):
+    """ngclient's Updater whose cache writes are fsync'd (ngclient only renames)."""
+
+    def _persist_file(self, filename: str, data: bytes) -> None:
+        write_atomic(Path(filename), data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path`: temp file in the same dir, fsync, rename, fsync dir."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Repository:
+    """One TUF repository as the agent sees it.
+
+    `trusted_root` is the root.json shipped in the OS image: it is the trust anchor on
+    every run (ngclient's `bootstrap`), and ngclient then walks the newer roots kept
+    in `cache_dir/root_history/`. The first run bootstraps `cache_dir` from it
+    (`root_history/<v>.root.json`, written atomically, and the `root.json` link).
+
+    ngclient allows one refresh per Updater, so `refresh()` builds a fresh one each
+    time; `targets()` and `get_targetinfo()` refresh first if that was not done yet.
+    """
+
+    def __init__(
+        self,
+        metadata_url: str,
+        targets_url: str,
+        trusted_root: Path,
+        cache_dir: Path,
+        session: requests.Session | None = None,
+        fetcher: FetcherInterface | None = None,
+        *,
+        config: UpdaterConfig | None = None,
+    ) -> None:
+        self.metadata_url = metadata_url
+        self.targets_url = targets_url
+        self.cache_dir = cache_dir
+        self.config = config or UpdaterConfig()
+        self.fetcher = fetcher if fetcher is not None else RequestsFetcher(session)
+        self._recorder = _RecordingFetcher(self.fetcher)
+        self._root_bytes = self._read_trusted_root(trusted_root)
+        self._trusted_root = trusted_root
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UpdateFailed(f"cannot create TUF cache {cache_dir}: {e.strerror}") from e
+        self._updater = self._new_updater()
+        self._refreshed = False
+
+    def _read_trusted_root(self, path: Path) -> bytes:
+        limit = self.config.root_max_length
+        try:
+            with path.open("rb") as f:
+                data = f.read(limit + 1)
+        except OSError as e:
+            raise ConfigError(f"cannot read trusted root {path}: {e.strerror}") from e
+        if len(data) > limit:
+            raise MetadataRejected(f"trusted root {path} is larger than {limit} bytes")
+        return data
+
+    def _new_updater(self) -> Updater:
+        try:
+            return _DurableUpdater(
+                str(self.cache_dir),
+                self.metadata_url,
+                None,
+                self.targets_url,
+                self._recorder,
+                self.config,
+                bootstrap=self._root_bytes,
+            )
+        except tuf_exc.RepositoryError as e:
+            raise MetadataRejected(
+                f"trusted root {self._trusted_root} is not valid root metadata: {e}"
+            ) from e
+        except OSError as e:
+            raise UpdateFailed(f"cannot write TUF cache {self.cache_dir}: {e}") from e
+
+    @contextlib.contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        """Map ngclient's exceptions to ours, naming the last URL fetched."""
+        try:
+            yield
+        except tuf_exc.DownloadLengthMismatchError as e:
+            # More bytes than the trusted (or configured) length: bad data, not a
+            # network fault - the "endless data" attack.
+            raise MetadataRejected(
+                f"{doing}: {self._recorder.last_url} exceeds its allowed length: {e}"
+            ) from e
+        except tuf_exc.DownloadError as e:
+            raise DownloadFailed(f"{doing}: fetching {self._recorder.last_url}: {e}") from e
+        except tuf_exc.RepositoryError as e:
+            raise MetadataRejected(
+                f"{doing}: {self._recorder.last_url} rejected: {type(e).__name__}: {e}"
+            ) from e
+        except OSError as e:
+            raise UpdateFailed(f"{doing}: TUF cache {self.cache_dir}: {e}") from e
+
+    def refresh(self) -> None:
+        """Update root -> timestamp -> snapshot -> targets from `metadata_url`."""
+        if self._refreshed:
+            self._updater = self._new_updater()
+            self._refreshed = False
+        with self._translated(f"refreshing TUF metadata from {self.metadata_url}"):
+            self._updater.refresh()
+        self._refreshed = True
+
+    def _trusted(self) -> TrustedMetadataSet:
+        # ngclient keeps verified metadata only in its trusted set; there is no public
+        # accessor for "all targets" (python-tuf lists by path only).
+        return self._updater._trusted_set
+
+    def targets(self) -> dict[str, TargetFile]:
+        """Every target of the verified top-level targets role and its delegations.
+
+        Top-level targets come from the trusted set; a delegated target is included
+        only if ngclient's `get_targetinfo` (which applies delegation paths,
+        terminating flags and the most-trusted-role-wins rule) returns it.
+        """
+        if not self._refreshed:
+            self.refresh()
+        top = self._trusted().targets
+        result: dict[str, TargetFile] = dict(top.targets)
+        with self._translated(f"loading delegated targets from {self.metadata_url}"):
+            candidates: set[str] = set()
+            for role in self._delegated_roles(top):
+                candidates.update(role.targets)
+            for path in sorted(candidates - result.keys()):
+                info = self._updater.get_targetinfo(path)
+                if info is not None:
+                    result[path] = info
+        return result
+
+    def _delegated_roles(self, top: Targets) -> Iterator[Targets]:
+        """Verified delegated targets metadata, at most `max_delegations` roles."""
+        stack = [(name, "targets") for name in reversed(_child_names(top))]
+        visited: set[str] = set()
+        while stack and len(visited) < self.config.max_delegations:
+            name, parent = stack.pop()
+            if name in visited:
+                continue
+            visited.add(name)
+            # ngclient verifies the role against its delegator's keys and snapshot.
+            role = self._updater._load_targets(name, parent)
+            yield role
+            stack.extend((child, name) for child in reversed(_child_names(role)))
+
+    def get_targetinfo(self, path: str) -> TargetFile:
+        """The trusted TargetFile for `path`; `TargetRejected` if no role lists it."""
+        if not self._refreshed:
+            self.refresh()
+        with self._translated(f"looking up target {path}"):
+            info = self._updater.get_targetinfo(path)
+        if info is None:
+            raise TargetRejected(
+                f"target {path} is not in the trusted targets metadata of {self.metadata_url}"
+            )
+        return info
+
+    def target_url(self, target: TargetFile) -> str:
+        """Where the bytes of `target` are: `<dir>/<hash>.<basename>` when consistent."""
+        path = target.path
+        if self._trusted().root.consistent_snapshot and self.config.prefix_targets_with_hash:
+            digest = target.hashes.get("sha256") or next(iter(target.hashes.values()), "")
+            dirname, sep, basename = path.rpartition("/")
+            path = f"{dirname}{sep}{digest}.{basename}"
+        return f"{self.targets_url.rstrip('/')}/{path}"
+
+    def _open_at(self, url: str, offset: int, chunk_size: int) -> Generator[bytes, None, None]:
+        # A generator, so closing it (consumer stopped early) closes the response too.
+        if isinstance(self.fetcher, ResumableFetcher):
+            yield from self.fetcher.fetch_from(url, offset, chunk_size)
+        else:
+            yield from _skip_prefix(self.fetcher.fetch(url), offset, url)
+
+    def stream_target(
+        self,
+        target: TargetFile,
+        *,
+        chunk_size: int = 1 << 20,
+        retries: int = 5,
+        backoff: float = 0.5,
+    ) -> Iterator[bytes]:
+        """Yield the bytes of `target` as they arrive; verify them before returning.
+
+        Counts against `target.length` and raises `TargetRejected` naming the URL the
+        moment it would be exceeded (the offending chunk is not yielded). A dropped
+        connection, read timeout or 5xx resumes at the byte reached, with an HTTP
+        `Range: bytes=<received>-` request (or by skipping the prefix a server that
+        ignores Range resends), at most `retries` times in total with exponential
+        backoff (`backoff * 2**n`, capped at MAX_BACKOFF); then `DownloadFailed`. Other
+        HTTP errors (404...) fail at once. At the end the length and every hash in
+        `target.hashes` are checked and `TargetRejected` (naming algorithm and URL) is
+        raised before the generator returns. Resume is in-process only: a new call
+        starts at byte 0, so the hashes always cover the whole file.
+        """
+        url = self.target_url(target)
+        hashers = {}
+        for algorithm in target.hashes:
+            try:
+                hashers[algorithm] = hashlib.new(algorithm)
+            except ValueError as e:
+                raise TargetRejected(f"{url}: unsupported hash algorithm {algorithm}") from e
+        if not hashers:
+            raise TargetRejected(f"{url}: the trusted metadata lists no hash for it")
+        received = 0
+        failures = 0
+        while True:
+            try:
+                with contextlib.closing(self._open_at(url, received, chunk_size)) as body:
+                    for chunk in body:
+                        if received + len(chunk) > target.length:
+                            raise TargetRejected(
+                                f"{url} sent more than its trusted length of "
+                                f"{target.length} bytes; download aborted"
+                            )
+                        received += len(chunk)
+                        for hasher in hashers.values():
+                            hasher.update(chunk)
+                        yield chunk
+                break
+            except tuf_exc.DownloadHTTPError as e:
+                if e.status_code < 500:
+                    raise DownloadFailed(f"HTTP {e.status_code} fetching {url}") from e
+                error: Exception = e
+            except tuf_exc.DownloadError as e:
+                error = e
+            failures += 1
+            if failures > retries:
+                raise DownloadFailed(
+                    f"giving up on {url} after {retries} retries at byte {received} "
+                    f"of {target.length}: {error}"
+                ) from error
+            logger.info("resuming %s at byte %d after: %s", url, received, error)
+            time.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
+        if received != target.length:
+            raise TargetRejected(
+                f"{url} ended after {received} bytes; its trusted length is {target.length}"
+            )
+        for algorithm, hasher in hashers.items():
+            if hasher.hexdigest() != target.hashes[algorithm].lower():
+                raise TargetRejected(
+                    f"{url}: {algorithm} mismatch: trusted {target.hashes[algorithm]}, "
+                    f"received {hasher.hexdigest()}"
+                )
+
+
+def _child_names(role: Targets) -> list[str]:
+    """Names of the roles `role` delegates to, in order of appearance."""
+    if role.delegations is None:
+        return []
+    if role.delegations.roles is not None:
+        return list(role.delegations.roles)
+    if role.delegations.succinct_roles is not None:
+        return list(role.delegations.succinct_roles.get_roles())
+    return []
+
+
+def _skip_prefix(chunks: Iterator[bytes], offset: int, url: str) -> Iterator[bytes]:
+    """For fetchers without ranges: drop the first `offset` bytes of a full body."""
+    for chunk in chunks:
+        if offset:
+            dropped = min(offset, len(chunk))
+            offset -= dropped
+            chunk = chunk[dropped:]
+        if chunk:
+            yield chunk
+    if offset:
+        raise tuf_exc.DownloadError(f"{url} is shorter than the resume offset")
