@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_tool
+from updater.boot.base import REGISTRY
 from updater.config import (
     Config,
     HealthCheck,
@@ -125,10 +126,28 @@ jitter = 0
     assert config.hooks.post_commit == ("logger", "committed") and config.hooks.timeout == 120
 
 
+@pytest.fixture
+def with_gptprio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make sure a non-grub backend is registered, whichever backends have landed."""
+    known_bootloaders()  # imports the real registry first, if there is one
+    if REGISTRY and "gptprio" not in REGISTRY:
+        monkeypatch.setitem(REGISTRY, "gptprio", REGISTRY["grub"])
+
+
+@pytest.mark.usefixtures("with_gptprio")
 def test_gptprio_needs_no_grubenv() -> None:
     text = edit('bootloader = "grub"', 'bootloader = "gptprio"')
+    assert error_of(text).endswith(
+        "[device] grubenv: only used by bootloader = \"grub\", not 'gptprio'"
+    )
     text = edit('grubenv    = "/boot/efi/EFI/BOOT/grubenv"\n', "", text)
     assert parse(text).device.grubenv is None
+
+
+def test_bootloaders_come_from_the_registry() -> None:
+    known = known_bootloaders()
+    assert "grub" in known
+    assert set(REGISTRY) <= set(known)
 
 
 def test_file_url_accepted() -> None:
