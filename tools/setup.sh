@@ -19,7 +19,11 @@ missing_pkgs=""
 while read -r cmd pkg targets; do
     case "$cmd" in ''|'#'*) continue ;; esac
     case ",$targets," in *",$target,"*) ;; *) continue ;; esac
-    if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "/sbin/$cmd" ]; then
+    case "$cmd" in
+        /*) [ -e "$cmd" ] && continue ;;  # a file a package ships (firmware, GRUB modules)
+        *) ! command -v "$cmd" >/dev/null 2>&1 || continue ;;
+    esac
+    if [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "/sbin/$cmd" ]; then
         case " $missing_pkgs " in *" $pkg "*) ;; *) missing_pkgs="$missing_pkgs $pkg" ;; esac
     fi
 done < tools/system-packages.txt
