@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import run_tool
 from updater.boot.base import REGISTRY
@@ -243,3 +245,42 @@ def test_missing_table_is_named() -> None:
     text = EXAMPLE.replace("[repository]", "[other]")
     assert error_of(text).endswith("[repository]: missing (required)")
     assert error_of("repository = 3").endswith("[repository]: must be a table, not an integer")
+
+
+@pytest.mark.usefixtures("with_gptprio")
+def test_the_documented_example_is_valid() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", doc, flags=re.DOTALL)
+    config = parse(blocks[0])
+    assert config.hooks.post_commit == ("kubectl", "uncordon", "node-1")
+    assert config.health.checks[1].timeout == 5
+    # Every other snippet is a valid replacement of its table in the full example.
+    for block in blocks[1:]:
+        table = re.match(r"\[([a-z.AB]+)\]", block)
+        assert table is not None, block
+        name = table.group(1)
+        kept = re.split(r"(?m)^(?=\[)", blocks[0])
+        family = name.split(".")[0]
+        others = [t for t in kept if not t.startswith((f"[{family}]", f"[{family}."))]
+        text = "".join(others) + "\n" + block
+        parse(text)
+
+
+TOML_VALUES = ['"x"', '""', "0", "-5", "1e309", "true", "[]", '["a"]', "[1, 2]", "{}",
+               '{ a = 1 }', '"file:///x"', '"http://h/p"', "2026-01-01"]
+
+
+@given(
+    line=st.integers(min_value=0, max_value=200),
+    value=st.sampled_from(TOML_VALUES),
+)
+def test_any_wrong_value_is_a_config_error(line: int, value: str) -> None:
+    lines = EXAMPLE.splitlines()
+    assignments = [i for i, text in enumerate(lines) if re.match(r"^[a-z_]+ *=", text)]
+    index = assignments[line % len(assignments)]
+    key = lines[index].split("=")[0].strip()
+    lines[index] = f"{key} = {value}"
+    try:
+        parse("\n".join(lines))
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err).startswith(f"config {CFG}: ")
