@@ -31,7 +31,6 @@ from signing.keys import (
 )
 from signing.status import format_status, repository_status
 from signing.store import ROLES
-from signing.verify import verify_repository
 from updater import __version__
 from updater.cliutil import ErrorHandlingGroup, echo_json
 
@@ -281,6 +280,8 @@ def rotate(repo: Path, role: str, add_key: tuple[Path, ...], remove_key: tuple[s
 @click.option("--json", "as_json", is_flag=True)
 def verify(repo: Path, root_json: Path, as_json: bool) -> None:
     """Verify REPO as a node would (ngclient); exit 0 only if everything is valid."""
+    from signing.verify import verify_repository  # ngclient is slow to import; only here
+
     report = verify_repository(repo, root_json)
     if as_json:
         echo_json({"ok": True, **report.__dict__, "targets": list(report.targets)})

@@ -191,8 +191,8 @@ def init_repository(
 
 def _create(path: Path, root_md: Metadata[Root], targets_md: Metadata[Targets],
             expires: Mapping[str, int]) -> None:
-    # publish and timestamp take their expiry defaults from here (see Store.expiry_days).
-    config = {"expires": {r: d for r, d in expires.items() if r in ONLINE_ROLES}}
+    # Later versions take their default expiry from here (see Store.expiry_days).
+    config = {"expires": dict(expires)}
     created = not path.exists()
     try:
         for sub in ("metadata", "targets", "staged"):
@@ -267,7 +267,7 @@ def add_release(
         # Compression changes the content: every earlier signature becomes invalid.
         targets.signatures.clear()
         if expires_days is None:
-            targets.signed.expires = expiry(DEFAULT_EXPIRY_DAYS["targets"])
+            targets.signed.expires = expiry(store.expiry_days("targets"))
         created: list[Path] = []
         try:
             files = _store_image(store, release, created)

@@ -37,7 +37,7 @@ from signing.fsutil import atomic_write, fsync_dir, makedirs_durable
 ROLES = ("root", "targets", "snapshot", "timestamp")
 OFFLINE_ROLES = ("root", "targets")  # staged and signed by release managers
 ONLINE_ROLES = ("snapshot", "timestamp")  # signed by `publish` / `timestamp`
-CONFIG_FILE = "sign-release.json"  # per-repository defaults chosen at init
+CONFIG_FILE = "sign-release.json"  # per-repository expiry defaults chosen at init
 DEFAULT_EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
 MAX_METADATA = 16 * 1024 * 1024
 
@@ -196,7 +196,8 @@ class Store:
         if published is None:
             raise RepositoryStateError(f"{self.path}: role {role} has no metadata to edit")
         published.signed.version += 1
-        published.signed.expires = expiry(expires_days or DEFAULT_EXPIRY_DAYS[role])
+        days = expires_days if expires_days is not None else self.expiry_days(role)
+        published.signed.expires = expiry(days)
         published.signatures.clear()
         return published, False
 

@@ -16,9 +16,17 @@ raw_length, raw_sha256}.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import functools
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]
+from tuf.ngclient.updater import Updater
 
 from signing import repository as ops
 
@@ -85,3 +93,57 @@ def write_image(path: Path, size: int, seed: int = 0) -> Path:
             left -= len(chunk)
             n += 1
     return path
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file below `root` (and its mode), to assert
+    that a failed command left a repository exactly as it was."""
+    digest: dict[str, str] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256(p.read_bytes()).hexdigest()
+            digest[str(p.relative_to(root))] = f"{h} {p.stat().st_mode:o}"
+    return digest
+
+
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """Serve `directory` over HTTP on 127.0.0.1 (a real server, random port); yields
+    the base URL, e.g. f"{url}/metadata/"."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def ngclient_fetch_all(base_url: str, metadata_dir: Path, root_json: Path | None = None
+                       ) -> dict[str, Path]:
+    """A fresh (or, when `metadata_dir` already holds a root.json, a returning) python-tuf
+    ngclient refreshes the repository at `base_url` and downloads every target, which
+    ngclient verifies against the signed length and hashes. Returns {path: file}.
+    Raises python-tuf's errors when the repository does not verify."""
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    target_dir = metadata_dir.parent / (metadata_dir.name + "-targets")
+    target_dir.mkdir(exist_ok=True)
+    bootstrap = root_json.read_bytes() if root_json is not None else None
+    updater = Updater(str(metadata_dir), f"{base_url}/metadata/", str(target_dir),
+                      f"{base_url}/targets/", bootstrap=bootstrap)
+    updater.refresh()
+    targets: Metadata[Targets] = Metadata.from_file(str(metadata_dir / "targets.json"))
+    files: dict[str, Path] = {}
+    for path in sorted(targets.signed.targets):
+        info = updater.get_targetinfo(path)
+        assert info is not None, path
+        files[path] = Path(updater.download_target(info))
+    return files
