@@ -291,5 +291,12 @@ def _keep_backup(path: Path, backup: Path) -> None:
     link = backup.with_name(f".{backup.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         link.unlink()
-    os.link(path, link)
+    try:
+        os.link(path, link)
+    except OSError:
+        # A file system without hard links (vfat): copy, with the same care as a save.
+        with link.open("wb") as f:
+            f.write(path.read_bytes())
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(link, backup)

@@ -115,6 +115,14 @@ def test_root_argument(root: str, slot: str) -> None:
     assert detect_booted_slot(f"ro {root} quiet", "", targets()) == slot
 
 
+def test_empty_root_values_match_nothing() -> None:
+    no_guid = {"A": {"root": PartitionTarget("A", "root", "root_a", Path("/d"), 512, 512)},
+               "B": {"root": PartitionTarget("B", "root", "root_b", Path("/d"), 1024, 512)}}
+    for root in ("root=PARTUUID=", "root=PARTLABEL="):
+        with pytest.raises(UpdateFailed, match="cannot tell which slot is booted"):
+            detect_booted_slot(root, "", no_guid)
+
+
 def test_mounted_root_device() -> None:
     numbers = {Path("/dev/vda3"): "253:3", Path("/dev/vda5"): "253:5"}
     assert root_device_number(MOUNTINFO) == "253:5"

@@ -132,6 +132,17 @@ def test_crash_before_rename_keeps_the_old_journal(
     assert sorted(p.name for p in tmp_path.iterdir()) == [JOURNAL_NAME, BACKUP_NAME]
 
 
+def test_backup_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(1, "Operation not permitted")  # what vfat answers
+
+    save_journal(tmp_path, installed())
+    monkeypatch.setattr(os, "link", no_links)
+    save_journal(tmp_path, installed().with_check(None, T0))
+    assert load_journal(tmp_path).last_check is not None
+    assert Journal.from_json(json.loads((tmp_path / BACKUP_NAME).read_text())) == installed()
+
+
 def test_unwritable_state_dir_is_update_failed(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

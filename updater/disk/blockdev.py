@@ -215,6 +215,8 @@ def _all_targets(targets: SlotTargets) -> Iterable[tuple[str, PartitionTarget]]:
 
 def _slot_of_root(root: str, targets: SlotTargets) -> str | None:
     kind, _, value = root.partition("=")
+    if not value and not root.startswith("/dev/"):
+        return None  # "root=PARTUUID=" names nothing; never match an empty GUID
     for slot, target in _all_targets(targets):
         if kind.upper() == "PARTLABEL" and value == target.label:
             return slot
