@@ -41,6 +41,9 @@ def _register() -> None:
     from updater.commands import layout
 
     cli.add_command(layout.layout)
+    from updater.commands.tufclient import tuf_client
+
+    cli.add_command(tuf_client)
 
 
 _register()
