@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
@@ -91,6 +92,11 @@ def verify_repository(repo: Path, root_json: Path) -> VerifyReport:
         bootstrap = root_json.read_bytes()
     except OSError as e:
         raise SigningError(f"trusted root {root_json}: cannot read: {e.strerror}") from e
+    try:
+        if Metadata.from_bytes(bootstrap).signed.type != "root":
+            raise SigningError(f"trusted root {root_json}: not root metadata")
+    except DeserializationError as e:
+        raise SigningError(f"trusted root {root_json}: not TUF root metadata ({e})") from e
     base = repo.resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="sign-release-verify-") as tmp:
         meta_dir, target_dir = Path(tmp) / "metadata", Path(tmp) / "targets"
