@@ -23,6 +23,8 @@ from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-de
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import (  # type: ignore[attr-defined]
     TOP_LEVEL_ROLE_NAMES,
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Root,
@@ -75,6 +77,7 @@ class RepositorySimulator(FetcherInterface):
         self.timestamp = Timestamp(expires=self.safe_expiry)
         self.snapshot = Snapshot(expires=self.safe_expiry)
         self.targets = Targets(expires=self.safe_expiry)
+        self.delegated: dict[str, Targets] = {}  # delegated role name -> its targets
         self.target_files: dict[str, bytes] = {}
         # What is served for a target path, when it differs from the signed content.
         self.served_override: dict[str, bytes] = {}
@@ -120,7 +123,7 @@ class RepositorySimulator(FetcherInterface):
         elif role == Snapshot.type:
             md = Metadata(self.snapshot)
         else:
-            md = Metadata(self.targets)
+            md = Metadata(self.delegated.get(role, self.targets))
         for signer in self.signers[role].values():
             md.sign(signer, append=True)
         return md.to_bytes(JSONSerializer()) + b" " * self.padding.get(role, 0)
@@ -133,6 +136,8 @@ class RepositorySimulator(FetcherInterface):
 
     def update_snapshot(self) -> None:
         self.snapshot.meta["targets.json"] = MetaFile(version=self.targets.version)
+        for name, delegated in self.delegated.items():
+            self.snapshot.meta[f"{name}.json"] = MetaFile(version=delegated.version)
         self.snapshot.version += 1
         self.update_timestamp()
 
@@ -144,6 +149,34 @@ class RepositorySimulator(FetcherInterface):
         self.targets.targets[path] = info
         self.target_files[path] = data
 
+    def add_delegation(self, name: str, paths: list[str]) -> None:
+        """Delegate `paths` (glob patterns) from top-level targets to a new role."""
+        if self.targets.delegations is None:
+            self.targets.delegations = Delegations(keys={}, roles={})
+        assert self.targets.delegations.roles is not None
+        self.targets.delegations.roles[name] = DelegatedRole(name, [], 1, False, paths)
+        signer = CryptoSigner.generate_ed25519()
+        self.targets.add_key(signer.public_key, name)
+        self.signers[name] = {signer.public_key.keyid: signer}
+        self.delegated[name] = Targets(expires=self.safe_expiry)
+
+    def add_delegated_target(
+        self, role: str, path: str, data: bytes, custom: dict[str, Any] | None = None
+    ) -> None:
+        """List a target in a delegated role (whatever its allowed paths say)."""
+        info = TargetFile.from_data(path, data, ["sha256"])
+        if custom is not None:
+            info.unrecognized_fields["custom"] = custom
+        self.delegated[role].targets[path] = info
+        self.delegated[role].version += 1
+        self.target_files[path] = data
+
+    def _info(self, path: str) -> TargetFile:
+        for role in (self.targets, *self.delegated.values()):
+            if path in role.targets:
+                return role.targets[path]
+        raise KeyError(path)
+
     def publish_targets(self) -> None:
         self.targets.version += 1
         self.update_snapshot()
@@ -152,7 +185,7 @@ class RepositorySimulator(FetcherInterface):
         """Where a target's bytes live: `<dir>/<sha256>.<basename>` when consistent."""
         if not self.root.consistent_snapshot:
             return path
-        digest = self.targets.targets[path].hashes["sha256"]
+        digest = self._info(path).hashes["sha256"]
         dirname, sep, basename = path.rpartition("/")
         return f"{dirname}{sep}{digest}.{basename}"
 
@@ -176,7 +209,7 @@ class RepositorySimulator(FetcherInterface):
             if not 1 <= version <= len(self.signed_roots):
                 raise DownloadHTTPError(f"no root version {version}", 404)
             return self.signed_roots[version - 1] + b" " * self.padding.get("root", 0)
-        if role not in (Timestamp.type, Snapshot.type, Targets.type):
+        if role not in (Timestamp.type, Snapshot.type, Targets.type, *self.delegated):
             raise DownloadHTTPError(f"unknown role {role}", 404)
         return self.signed_bytes(role)
 
@@ -196,7 +229,8 @@ class RepositorySimulator(FetcherInterface):
             (meta / f"{version}.root.json").write_bytes(data)
         (meta / "timestamp.json").write_bytes(self.signed_bytes(Timestamp.type))
         prefix = self.root.consistent_snapshot
-        roles = ((Snapshot.type, self.snapshot.version), (Targets.type, self.targets.version))
+        roles = [(Snapshot.type, self.snapshot.version), (Targets.type, self.targets.version)]
+        roles += [(name, d.version) for name, d in self.delegated.items()]
         for role, version in roles:
             name = f"{version}.{role}.json" if prefix else f"{role}.json"
             (meta / name).write_bytes(self.signed_bytes(role))

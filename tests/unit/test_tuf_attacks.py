@@ -199,3 +199,18 @@ def test_wrong_software_target_for_other_hardware(
             targets, hardware="x86_64-generic", channel="stable",
             installed_version="1.0.0", failed_versions=(), want_version="2.0.0",
         )
+
+
+def test_delegated_role_cannot_list_targets_outside_its_paths(
+    sim: RepositorySimulator, tmp_path: Path
+) -> None:
+    arm, rogue = b"arm image", b"x86 image from the arm vendor"
+    sim.add_delegation("arm-vendor", ["arm64/*/*"])  # TUF globs: "*" stops at "/"
+    sim.add_delegated_target("arm-vendor", "arm64/2.0.0/root.img", arm)
+    sim.add_delegated_target("arm-vendor", "x86_64-generic/9.0.0/root.img", rogue)
+    sim.publish_targets()
+    repo = client(sim, tmp_path)
+    assert sorted(repo.targets()) == ["arm64/2.0.0/root.img", PATH]
+    assert b"".join(repo.stream_target(repo.get_targetinfo("arm64/2.0.0/root.img"))) == arm
+    with pytest.raises(TargetRejected, match=r"x86_64-generic/9\.0\.0/root\.img is not in"):
+        repo.get_targetinfo("x86_64-generic/9.0.0/root.img")
