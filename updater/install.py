@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -255,6 +257,73 @@ def write_image(
     )
 
 
+class _BlockWriter:
+    """Hashes and writes blocks in a second thread while the caller decompresses.
+
+    sha256 and pwrite release the GIL, so on a two-core node they overlap with the
+    decompression and the repository's hashing of the compressed stream. Blocks go
+    round a fixed ring of `count` buffers: memory stays `count * BLOCK_SIZE`, and
+    blocks are hashed and written in the order they were submitted.
+    """
+
+    def __init__(self, fd: int, target: PartitionTarget, count: int = 3) -> None:
+        self._fd = fd
+        self._target = target
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int, int] | None] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(BLOCK_SIZE))
+        self._digest = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="image-writer", daemon=True)
+        self._thread.start()
+
+    def take(self) -> bytearray:
+        """A free buffer (blocks while all are in flight); raises the writer's error."""
+        buf = self._free.get()
+        if self._error is not None:
+            raise self._error
+        return buf
+
+    def give_back(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+    def submit(self, buf: bytearray, length: int, position: int) -> None:
+        """Hash `buf[:length]` and write it at `position` bytes into the partition."""
+        self._full.put((buf, length, position))
+
+    def finish(self) -> str:
+        """Wait for every submitted block; the sha256 of everything written."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._full.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            buf, length, position = item
+            if self._error is None:  # after an error, only recycle buffers
+                block = memoryview(buf)[:length]
+                try:
+                    self._digest.update(block)
+                    _pwrite_all(self._fd, block, self._target.offset + position)
+                except OSError as err:
+                    self._error = WriteFailed(
+                        f"writing {self._target.describe()} at byte {position}: {err.strerror}"
+                    )
+                    self._error.__cause__ = err
+                except BaseException as err:  # surfaced in the caller's thread
+                    self._error = err
+                finally:
+                    block.release()
+            self._free.put(buf)
+
+
 def _stream_into(
     fd: int,
     source: ChunkSource,
@@ -266,40 +335,40 @@ def _stream_into(
     """Decompress `source` into `fd` at the target's offset; (raw bytes, sha256 hex)."""
     what = f"image for {target.describe()}"
     reader = open_raw_reader(source, compression, what)
-    buf = bytearray(BLOCK_SIZE)
-    view = memoryview(buf)
-    digest = hashlib.sha256()
+    writer = _BlockWriter(fd, target)
     done = 0
     last_report = time.monotonic()
     if progress is not None:
         progress(0, raw_length)
-    while True:
-        # Ask for one byte more than the image may still hold, so an over-long stream
-        # is caught without writing its excess.
-        want = min(BLOCK_SIZE, raw_length - done + 1)
-        fill = 0
-        while fill < want:
-            n = reader.readinto(view[fill:want])
-            if n == 0:
-                break
-            fill += n
-        if done + fill > raw_length:
-            raise ImageRejected(f"{what}: stream has more than raw_length={raw_length} bytes")
-        if fill:
-            block = view[:fill]
-            digest.update(block)
-            try:
-                _pwrite_all(fd, block, target.offset + done)
-            except OSError as err:
-                raise WriteFailed(
-                    f"writing {target.describe()} at byte {done}: {err.strerror}"
-                ) from err
-            done += fill
+    try:
+        while True:
+            buf = writer.take()
+            view = memoryview(buf)
+            # Ask for one byte more than the image may still hold, so an over-long
+            # stream is caught without writing its excess.
+            want = min(BLOCK_SIZE, raw_length - done + 1)
+            fill = 0
+            while fill < want:
+                n = reader.readinto(view[fill:want])
+                if n == 0:
+                    break
+                fill += n
+            view.release()
+            if done + fill > raw_length:
+                raise ImageRejected(f"{what}: stream has more than raw_length={raw_length} bytes")
+            if fill:
+                writer.submit(buf, fill, done)
+                done += fill
+            else:
+                writer.give_back(buf)
             if progress is not None and time.monotonic() - last_report >= PROGRESS_INTERVAL:
                 progress(done, raw_length)
                 last_report = time.monotonic()
-        if fill < want:  # the reader ended: stream complete and iterator exhausted
-            break
+            if fill < want:  # the reader ended: stream complete and iterator exhausted
+                break
+        digest = writer.finish()
+    finally:
+        writer.close()
     if done != raw_length:
         raise ImageRejected(f"{what}: stream ended after {done} of {raw_length} raw bytes")
     try:
@@ -308,7 +377,7 @@ def _stream_into(
         os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
     except OSError as err:
         raise WriteFailed(f"syncing {target.describe()}: {err.strerror}") from err
-    return done, digest.hexdigest()
+    return done, digest
 
 
 def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) -> None:
@@ -334,6 +403,11 @@ def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) 
         done = 0
         while done < raw_length:
             want = min(BLOCK_SIZE, raw_length - done)
+            # Start reading the next block from the device while this one is hashed.
+            ahead = done + want
+            if ahead < raw_length:
+                length = min(BLOCK_SIZE, raw_length - ahead)
+                os.posix_fadvise(fd, target.offset + ahead, length, os.POSIX_FADV_WILLNEED)
             n = os.preadv(fd, [view[:want]], target.offset + done)
             if n == 0:
                 raise ReadBackMismatch(
