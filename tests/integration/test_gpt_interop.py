@@ -180,3 +180,20 @@ def test_apply_and_show_on_a_real_loop_device(sparse_disk: Path) -> None:
     finally:
         run_tool("losetup", "--detach", dev)
     _sgdisk_clean(sparse_disk)
+
+
+def test_uncommon_entry_count_is_kept_and_edits_stay_sgdisk_clean(sparse_disk: Path) -> None:
+    run_tool("sgdisk", "--resize-table=256", "-n", "1:0:+8M", "-c", "1:root_a",
+             "-n", "2:0:+8M", "-c", "2:root_b", sparse_disk)
+    disk = gpt.read_gpt(sparse_disk)
+    assert (disk.num_entries, disk.first_usable_lba, disk.damaged) == (256, 66, [])
+    raw = _metadata(sparse_disk)
+    rebuilt = gpt.build_tables(disk)
+    assert raw[: 66 * 512] == b"".join(
+        rebuilt[k][1] for k in ("mbr", "primary header", "primary entries"))
+    gpt.write_gpt(sparse_disk, disk.replace(disk.find("root_a").with_boot_attrs(tries=4)))
+    _sgdisk_clean(sparse_disk)
+    # (cgpt refuses tables of other than 128 entries, even sgdisk's; ask sfdisk.)
+    assert _sfdisk(sparse_disk)[0]["attrs"] == "GUID:54"  # tries=4: bit 52+2
+    assert "Partition table holds up to 256 entries" in run_tool(
+        "sgdisk", "-p", sparse_disk).stdout

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from construct import (
     Adapter,
@@ -377,7 +377,13 @@ class _Bad(Exception):
     """Why one copy of the table is unusable (internal; becomes a damage note)."""
 
 
-def _read_copy(f: int, total: int, ss: int, lba: int) -> tuple[Any, bytes, bytes]:
+class _Copy(NamedTuple):
+    header: Any  # the parsed GptHeader container
+    sector: bytes
+    entries: bytes
+
+
+def _read_copy(f: int, total: int, ss: int, lba: int) -> _Copy:
     """Parse and check the header at `lba` and its entry array; raise _Bad if damaged."""
     sector = os.pread(f, ss, lba * ss)
     if len(sector) < ss:
@@ -408,12 +414,12 @@ def _read_copy(f: int, total: int, ss: int, lba: int) -> tuple[Any, bytes, bytes
     entries = os.pread(f, length, h.entries_lba * ss)
     if zlib.crc32(entries) != h.entries_crc32:
         raise _Bad(f"entry array CRC32 mismatch (entries at LBA {h.entries_lba})")
-    return h, sector, entries
+    return _Copy(h, sector, entries)
 
 
-def _summary(h: Any, entries: bytes) -> tuple[object, ...]:
+def _summary(copy: _Copy) -> tuple[object, ...]:
     keys = ("first_usable_lba", "last_usable_lba", "disk_guid", "num_entries", "entry_size")
-    return (*(getattr(h, k) for k in keys), entries)
+    return (*(getattr(copy.header, k) for k in keys), copy.entries)
 
 
 @contextmanager
@@ -454,29 +460,26 @@ def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
     total = size // ss
     if total < 6:
         raise GPTError(f"{path}: {size} bytes is too small to hold a GPT")
-    damaged: list[str] = []
+    why = {"primary": "", "backup": ""}
+    primary = backup = None
     try:
-        primary: tuple[Any, bytes, bytes] | None = _read_copy(fd, total, ss, 1)
+        primary = _read_copy(fd, total, ss, 1)
     except _Bad as e:
-        primary, why_primary = None, str(e)
-    backup: tuple[Any, bytes, bytes] | None = None
-    why_backup = ""
-    spots = [total - 1]
-    if primary is not None and 1 < primary[0].alternate_lba < total - 1:
-        spots.append(primary[0].alternate_lba)
-    for lba in spots:
+        why["primary"] = str(e)
+    # The backup belongs at the last LBA; a grown image still has it where the primary
+    # says (`alternate_lba`).
+    for lba in dict.fromkeys([total - 1, primary.header.alternate_lba if primary else 0]):
         try:
-            backup = _read_copy(fd, total, ss, lba)
+            backup = _read_copy(fd, total, ss, lba) if 1 < lba < total else None
             break
         except _Bad as e:
-            why_backup = why_backup or str(e)
+            why["backup"] = why["backup"] or str(e)
     if primary is None and backup is None:
-        raise GPTError(f"{path}: no valid GPT: primary: {why_primary}; backup: {why_backup}")
-    if primary is None:
-        damaged.append(f"primary GPT: {why_primary}")
-    elif backup is None:
-        damaged.append(f"backup GPT: {why_backup}")
-    elif _summary(primary[0], primary[2]) != _summary(backup[0], backup[2]):
+        raise GPTError(f"{path}: no valid GPT: primary: {why['primary']}; "
+                       f"backup: {why['backup']}")
+    damaged = [f"{copy} GPT: {reason}" for copy, reason in why.items()
+               if reason and (primary if copy == "primary" else backup) is None]
+    if primary and backup and _summary(primary) != _summary(backup):
         damaged.append("backup GPT: does not match the primary")
         backup = None
     mbr = os.pread(fd, ss, 0)
@@ -484,29 +487,26 @@ def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
         damaged.append(problem)
         mbr = b""
     good = primary or backup
-    assert good is not None
+    assert good is not None  # both missing raised above
     h, sector, entries = good
-    g = h
-    raw = tuple(entries[i : i + h.entry_size]
-                for i in range(0, len(entries), h.entry_size))
+    raw = tuple(entries[i : i + h.entry_size] for i in range(0, len(entries), h.entry_size))
     try:
         parts = [p for i, r in enumerate(raw) if (p := _parse_entry(i, r)) is not None]
     except (ConstructError, UnicodeDecodeError) as e:
         raise GPTError(f"{path}: unreadable partition entry: {e}") from e
-    backup_lba = backup[0].my_lba if backup else (
-        g.alternate_lba if 1 < g.alternate_lba < total else total - 1)
-    array = -(-len(entries) // ss)
-    backup_entries = backup[0].entries_lba if backup else (
-        backup_lba - array)
+    if backup is not None:
+        backup_lba, backup_entries = backup.header.my_lba, backup.header.entries_lba
+    else:  # 0: derived from backup_lba by GptDisk
+        backup_lba = h.alternate_lba if 1 < h.alternate_lba < total else total - 1
+        backup_entries = 0
     return GptDisk(
-        sector_size=ss, total_sectors=total, disk_guid=g.disk_guid,
-        first_usable_lba=g.first_usable_lba,
-        last_usable_lba=g.last_usable_lba,
+        sector_size=ss, total_sectors=total, disk_guid=h.disk_guid,
+        first_usable_lba=h.first_usable_lba, last_usable_lba=h.last_usable_lba,
         partitions=parts, damaged=damaged, source=str(path),
-        num_entries=g.num_entries, entry_size=g.entry_size,
-        entries_lba=primary[0].entries_lba if primary else 2,
+        num_entries=h.num_entries, entry_size=h.entry_size,
+        entries_lba=primary.header.entries_lba if primary else 2,
         backup_lba=backup_lba, backup_entries_lba=backup_entries,
-        revision=g.revision, header_size=g.header_size, header_reserved=g.reserved,
+        revision=h.revision, header_size=h.header_size, header_reserved=h.reserved,
         header_tail=sector[HEADER_SIZE:], raw_entries=raw, mbr=mbr,
     )
 
