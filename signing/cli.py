@@ -208,7 +208,7 @@ def add(repo: Path, image: Path, version: str, hardware: tuple[str, ...], role: 
 
 @cli.command()
 @click.argument("repo", type=PathArg)
-@click.argument("role", type=click.Choice(["root", "targets"]))
+@click.argument("role", metavar="ROLE")
 @click.option("--expires", "expires_days", type=int,
               help="Start a new version with this expiry in days (drops signatures).")
 @sign_with_option()
