@@ -28,17 +28,27 @@ DEFAULT_CONFIG = Path("/etc/updater/config.toml")
     help="Agent configuration file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
 @click.version_option(__version__, prog_name="updater")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path, as_json: bool) -> None:
-    """Image-based A/B updater agent for immutable Linux nodes."""
+def cli(ctx: click.Context, config_path: Path, as_json: bool, verbose: bool) -> None:
+    """Image-based A/B updater agent for immutable Linux nodes.
+
+    Exit codes: 0 success (also "nothing to install"), 1 other failure, 2 bad usage or
+    configuration, 3 update rejected (untrusted or bad data), 4 environment failure
+    (network, disk, permissions), 5 health check failed and the node rolled back.
+    """
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path
     ctx.obj["json"] = as_json
+    ctx.obj["verbose"] = verbose
 
 
 def _register() -> None:
-    from updater.commands import layout
+    from updater.commands import agent, layout
+
+    for command in agent.COMMANDS:
+        cli.add_command(command)
 
     cli.add_command(layout.layout)
     from updater.commands.tufclient import tuf_client

@@ -1,0 +1,232 @@
+"""The agent's commands: status, check, install, activate, rollback, mark-good, mark-bad,
+health-check and daemon.
+
+Each command loads the config, builds an `Agent`, calls one method and prints the
+result: text for people, or with `updater --json` one JSON document per line on stdout
+(`install --json` adds `{"event": "progress", ...}` lines before its result). Errors are
+mapped to exit codes by `updater.cliutil.ErrorHandlingGroup` (README, "Exit codes").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from updater.agent import Agent, NoFallback, Progress
+from updater.config import load_config
+from updater.logsetup import setup_logging
+from updater.slots import SLOTS
+
+EXIT_ROLLED_BACK = 5
+
+
+def _agent(ctx: click.Context) -> Agent:
+    root = ctx.find_root()
+    setup_logging(verbose=bool(root.obj.get("verbose")))
+    return Agent(load_config(root.obj["config_path"]))
+
+
+def _json(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().obj.get("json"))
+
+
+def _emit(ctx: click.Context, data: dict[str, Any], text: str) -> None:
+    if _json(ctx):
+        click.echo(json.dumps(data, sort_keys=True))
+    else:
+        click.echo(text)
+
+
+def _progress(ctx: click.Context) -> Progress | None:
+    """JSON lines with --json; a one-line bar on a terminal; nothing otherwise."""
+    if _json(ctx):
+
+        def as_json(role: str, done: int, total: int) -> None:
+            event = {"event": "progress", "role": role, "done": done, "total": total}
+            click.echo(json.dumps(event, sort_keys=True))
+
+        return as_json
+    if not sys.stderr.isatty():
+        return None
+    started = time.monotonic()
+
+    def bar(role: str, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        width = 30
+        filled = int(frac * width)
+        rate = done / max(time.monotonic() - started, 1e-6) / 2**20
+        line = (
+            f"\r{role:8} [{'#' * filled}{'.' * (width - filled)}] {frac:6.1%} "
+            f"{done / 2**20:8.1f}/{total / 2**20:.1f} MiB {rate:6.1f} MiB/s"
+        )
+        click.echo(line, nl=done >= total, err=True)
+
+    return bar
+
+
+@click.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show the booted and primary slot, each slot's state and version, what is pending."""
+    data = _agent(ctx).status()
+    lines = [
+        f"booted slot:  {data['booted_slot']}",
+        f"primary slot: {data['primary_slot'] or 'none will boot!'}",
+        f"bootloader:   {data['bootloader']}  hardware: {data['hardware']}"
+        f"  channel: {data['channel']}",
+    ]
+    for slot, info in data["slots"].items():
+        parts = ", ".join(f"{r}={label}" for r, label in info["partitions"].items())
+        mark = " (booted)" if info["booted"] else ""
+        lines.append(
+            f"slot {slot}{mark}: {info['state']:7} version {info['version'] or '-'}  [{parts}]"
+        )
+    pending = data["pending"]
+    lines.append(
+        f"pending: {pending['version']} in slot {pending['slot']} since {pending['since']}"
+        if pending
+        else "pending: nothing"
+    )
+    if data["failed_versions"]:
+        lines.append(f"failed versions: {', '.join(data['failed_versions'])}")
+    if data["last_error"]:
+        lines.append(f"last error: {data['last_error']}")
+    _emit(ctx, data, "\n".join(lines))
+
+
+@click.command()
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A mounted medium holding a repository (metadata/ and targets/).",
+)
+@click.pass_context
+def check(ctx: click.Context, source: Path | None) -> None:
+    """Refresh the signed metadata and say whether a newer release is available."""
+    data = _agent(ctx).check(source)
+    text = (
+        f"update available: {data['version']} (running {data['current_version'] or 'unknown'})"
+        if data["update_available"]
+        else f"up to date (running {data['current_version'] or 'unknown'})"
+    )
+    _emit(ctx, data, text)
+
+
+@click.command()
+@click.option("--version", "version", help="Install exactly this version (may retry a failed one).")
+@click.option("--force", is_flag=True, help="With --version: allow a downgrade or re-install.")
+@click.option("--no-activate", is_flag=True, help="Write and verify only; do not switch slots.")
+@click.option("--no-reboot", is_flag=True, help="Switch slots but do not reboot.")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A mounted medium holding a repository (metadata/ and targets/).",
+)
+@click.pass_context
+def install(
+    ctx: click.Context,
+    version: str | None,
+    force: bool,
+    no_activate: bool,
+    no_reboot: bool,
+    source: Path | None,
+) -> None:
+    """Install the newest release (or --version) into the inactive slot and switch to it."""
+    if force and version is None:
+        raise click.UsageError("--force needs --version")
+    result = _agent(ctx).install(
+        version=version,
+        force=force,
+        activate=not no_activate,
+        reboot=not (no_reboot or no_activate),
+        source=source,
+        progress=_progress(ctx),
+    )
+    if result.version is None:
+        text = "nothing to install: already running the newest release"
+    else:
+        text = f"installed {result.version} into slot {result.slot}" + (
+            " (already there, verified)" if result.reused else ""
+        )
+        if result.activated:
+            text += f"; slot {result.slot} boots next"
+        if result.rebooting:
+            text += "; rebooting"
+    _emit(ctx, {"event": "result", **result.to_json()}, text)
+
+
+@click.command()
+@click.argument("slot", type=click.Choice(SLOTS))
+@click.option("--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards.")
+@click.pass_context
+def activate(ctx: click.Context, slot: str, reboot: bool) -> None:
+    """Boot SLOT next, with one try (it must hold a verified image)."""
+    agent = _agent(ctx)
+    agent.activate(slot)
+    if reboot:
+        agent.reboot()
+    _emit(ctx, {"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
+
+
+@click.command()
+@click.option("--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards.")
+@click.pass_context
+def rollback(ctx: click.Context, reboot: bool) -> None:
+    """Make the other (known good) slot primary again."""
+    agent = _agent(ctx)
+    slot = agent.rollback()
+    if reboot:
+        agent.reboot()
+    _emit(ctx, {"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
+
+
+@click.command("mark-good")
+@click.pass_context
+def mark_good(ctx: click.Context) -> None:
+    """Commit the booted slot: the bootloader keeps booting it."""
+    slot = _agent(ctx).mark_good()
+    _emit(ctx, {"slot": slot, "state": "good"}, f"slot {slot} marked good")
+
+
+@click.command("mark-bad")
+@click.argument("slot", type=click.Choice(SLOTS), required=False)
+@click.option("--force", is_flag=True, help="Even if no other slot would boot.")
+@click.pass_context
+def mark_bad(ctx: click.Context, slot: str | None, force: bool) -> None:
+    """Invalidate SLOT (default: the booted one) so the bootloader will not boot it."""
+    done = _agent(ctx).mark_bad(slot, force=force)
+    _emit(ctx, {"slot": done, "state": "bad"}, f"slot {done} marked bad")
+
+
+@click.command("health-check")
+@click.option("--no-reboot", is_flag=True, help="After a rollback, do not reboot.")
+@click.pass_context
+def health_check(ctx: click.Context, no_reboot: bool) -> None:
+    """After every boot: commit the booted slot if healthy, else roll back."""
+    agent = _agent(ctx)
+    try:
+        outcome = agent.health_check(reboot=not no_reboot)
+    except NoFallback as e:
+        _emit(ctx, {"action": "no-fallback", "detail": str(e)}, f"health check failed: {e}")
+        ctx.exit(EXIT_ROLLED_BACK)
+    _emit(ctx, outcome.to_json(), f"{outcome.action}: slot {outcome.slot}. {outcome.detail}")
+    if outcome.action in ("rolled-back", "fell-back"):
+        ctx.exit(EXIT_ROLLED_BACK)
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Check (and install) once, then exit.")
+@click.pass_context
+def daemon(ctx: click.Context, once: bool) -> None:
+    """Poll for updates at the configured interval plus random jitter."""
+    _agent(ctx).daemon(once=once)
+
+
+COMMANDS = [status, check, install, activate, rollback, mark_good, mark_bad, health_check, daemon]
