@@ -182,6 +182,12 @@ def hsm_public_key(uri: str, pins: PinSource) -> SSlibKey:
     return key
 
 
+def _why(err: BaseException) -> str:
+    """A one-line reason; PKCS#11 errors often have an empty message but a telling name."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def load_signer(
     spec: str,
     candidates: Mapping[str, Key],
@@ -218,9 +224,15 @@ def _load_uri_signer(
         if pub.keyid not in candidates:
             raise KeyFileError(f"{uri} (keyid {pub.keyid[:16]}) is not a key of role {role}")
         try:
-            return Signer.from_priv_key_uri(uri, candidates[pub.keyid], pins)
+            signer = Signer.from_priv_key_uri(uri, candidates[pub.keyid], pins)
+            # Sign a probe now, so a wrong PIN fails before anything is written.
+            probe = b"sign-release key probe"
+            signer.public_key.verify_signature(signer.sign(probe), probe)
+        except KeyFileError:
+            raise
         except Exception as e:
-            raise KeyFileError(f"{uri}: cannot use the token key: {e}") from e
+            raise KeyFileError(f"{uri}: cannot sign with the token key: {_why(e)}") from e
+        return signer
     # Other schemes cannot tell us their public key: try each key the role accepts.
     probe = b"sign-release key probe"
     for key in candidates.values():

@@ -27,11 +27,26 @@ from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp  # type: ignore[attr-defined]
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import (  # type: ignore[attr-defined]
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
 from tuf.api.serialization import DeserializationError
 
 from signing.compress import COMPRESSIONS, SUFFIX, compress_stream
-from signing.errors import RepositoryIOError, RepositoryStateError, SigningError, ThresholdError
+from signing.errors import (
+    KeyFileError,
+    RepositoryIOError,
+    RepositoryStateError,
+    SigningError,
+    ThresholdError,
+)
 from signing.fsutil import atomic_write, fsync_dir, makedirs_durable, temp_file
 from signing.keys import Secrets, load_signer
 from signing.store import (
@@ -119,7 +134,14 @@ def _signers(
 
 def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> None:
     for signer in signers:
-        md.sign(signer, append=True)
+        try:
+            md.sign(signer, append=True)
+        except UnsignedMetadataError as e:
+            # A token or KMS failing mid-way (PIN, session, network): name the key.
+            cause = e.__cause__ or e
+            reason = str(cause).strip() or type(cause).__name__
+            raise KeyFileError(f"signing {md.signed.type} with key "
+                               f"{signer.public_key.keyid[:16]} failed: {reason}") from e
 
 
 def _check_expires(expires: Mapping[str, int], allowed: Sequence[str]) -> None:
