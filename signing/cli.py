@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from signing import create
 from signing import repository as repo_ops
 from signing.compress import COMPRESSIONS
 from signing.errors import KeyFileError, SigningError
@@ -166,14 +167,14 @@ def init(repo: Path, from_root: Path | None, root_key: tuple[Path, ...], root_th
     if from_root is not None:
         if root_key or targets_key or snapshot_key or timestamp_key or sign_with:
             raise SigningError("--from-root excludes the --*-key and --sign-with options")
-        repo_ops.init_from_root(repo, from_root, expires=_parse_expires(expires, ROLES))
+        create.init_from_root(repo, from_root, expires=_parse_expires(expires, ROLES))
         click.echo(f"{repo}: initialised from {from_root}; add releases, then publish")
         return
     for name, given in (("--root-key", root_key), ("--targets-key", targets_key),
                         ("--snapshot-key", snapshot_key), ("--timestamp-key", timestamp_key)):
         if not given:
             raise SigningError(f"init needs {name} (or --from-root)")
-    repo_ops.init_repository(
+    create.init_repository(
         repo, root_keys=_public_keys(root_key), targets_keys=_public_keys(targets_key),
         snapshot_keys=_public_keys(snapshot_key), timestamp_keys=_public_keys(timestamp_key),
         sign_with=sign_with, root_threshold=root_threshold,

@@ -1,4 +1,5 @@
-"""Repository operations of `sign-release`: init, add, sign, publish, timestamp, rotate.
+"""Repository operations of `sign-release`: add, sign, publish, timestamp, rotate
+(creating one is `signing.create`).
 
 Each operation validates everything first - keys, roles, thresholds, versions, expiry,
 the image - and only then writes; so bad input leaves the repository as it was. Writes
@@ -17,41 +18,38 @@ written once and hard-linked into each hardware directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
-from tuf.api.exceptions import UnsignedMetadataError
+from securesystemslib.signer import Key  # type: ignore[attr-defined]
 from tuf.api.metadata import (  # type: ignore[attr-defined]
     Metadata,
     MetaFile,
-    Root,
     Snapshot,
     TargetFile,
-    Targets,
     Timestamp,
 )
-from tuf.api.serialization import DeserializationError
 
 from signing.compress import COMPRESSIONS, SUFFIX, compress_stream
 from signing.errors import (
-    KeyFileError,
     RepositoryIOError,
     RepositoryStateError,
     SigningError,
     ThresholdError,
 )
-from signing.fsutil import atomic_write, fsync_dir, makedirs_durable, temp_file
-from signing.keys import Secrets, load_signer
+from signing.fsutil import fsync_dir, makedirs_durable, temp_file
+from signing.keys import Secrets
+from signing.roles import (
+    check_expires,
+    load_signers,
+    require_threshold,
+    root_signing_keys,
+    sign_all,
+)
 from signing.store import (
-    CONFIG_FILE,
-    DEFAULT_EXPIRY_DAYS,
     OFFLINE_ROLES,
     ONLINE_ROLES,
     ROLES,
@@ -120,140 +118,6 @@ class PublishResult:
     versions: dict[str, int] = field(default_factory=dict)
 
 
-def _signers(
-    specs: Sequence[str], keys: Mapping[str, Key], role: str, secrets: Secrets
-) -> list[Signer]:
-    signers = [load_signer(s, keys, role, secrets.passphrases, secrets.pins) for s in specs]
-    seen: set[str] = set()
-    for spec, signer in zip(specs, signers, strict=True):
-        if signer.public_key.keyid in seen:
-            raise SigningError(f"{spec}: the same key is given twice for role {role}")
-        seen.add(signer.public_key.keyid)
-    return signers
-
-
-def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> None:
-    for signer in signers:
-        try:
-            md.sign(signer, append=True)
-        except UnsignedMetadataError as e:
-            # A token or KMS failing mid-way (PIN, session, network): name the key.
-            cause = e.__cause__ or e
-            reason = str(cause).strip() or type(cause).__name__
-            raise KeyFileError(f"signing {md.signed.type} with key "
-                               f"{signer.public_key.keyid[:16]} failed: {reason}") from e
-
-
-def _check_expires(expires: Mapping[str, int], allowed: Sequence[str]) -> None:
-    for role, days in expires.items():
-        if role not in allowed:
-            raise SigningError(f"--expires {role}=...: this command sets {', '.join(allowed)}")
-        if days < 0:
-            raise SigningError(f"--expires {role}={days}: days must be >= 0")
-
-
-def _check_threshold(keys: Sequence[Key], threshold: int, role: str) -> None:
-    if len({k.keyid for k in keys}) != len(keys):
-        raise SigningError(f"role {role}: the same key is given twice")
-    if not 1 <= threshold <= len(keys):
-        raise ThresholdError(
-            f"role {role}: threshold {threshold} needs between 1 and {len(keys)} "
-            f"(the number of its keys)"
-        )
-
-
-def root_signing_keys(store: Store, root: Metadata[Root]) -> dict[str, Key]:
-    """Keys that may sign `root`: its own root keys and, for a new version, the
-    previous published root's keys (a rotation needs both thresholds)."""
-    keys = role_keys(root.signed, "root")
-    previous = store.published_root(root.signed.version - 1) if root.signed.version > 1 else None
-    if previous is not None:
-        keys.update(role_keys(previous.signed, "root"))
-    return keys
-
-
-def init_repository(
-    path: Path,
-    *,
-    root_keys: Sequence[Key],
-    targets_keys: Sequence[Key],
-    snapshot_keys: Sequence[Key],
-    timestamp_keys: Sequence[Key],
-    sign_with: Sequence[str],
-    root_threshold: int = 1,
-    targets_threshold: int = 1,
-    expires: Mapping[str, int] | None = None,
-    secrets: Secrets | None = None,
-) -> None:
-    """Create a repository: staged root v1 (signed with `sign_with`) and empty targets v1."""
-    secrets = secrets or Secrets()
-    expires = dict(expires or {})
-    _check_expires(expires, ROLES)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RepositoryStateError(f"{path}: exists and is not an empty directory")
-    if not path.parent.is_dir():
-        raise RepositoryStateError(f"{path}: parent directory does not exist")
-    given = {"root": root_keys, "targets": targets_keys, "snapshot": snapshot_keys,
-             "timestamp": timestamp_keys}
-    thresholds = {"root": root_threshold, "targets": targets_threshold}
-    root = Root(expires=expiry(expires.get("root", DEFAULT_EXPIRY_DAYS["root"])),
-                consistent_snapshot=True)
-    for role, keys in given.items():
-        _check_threshold(keys, thresholds.get(role, 1), role)
-        for key in keys:
-            root.add_key(key, role)
-        root.roles[role].threshold = thresholds.get(role, 1)
-    root_md = Metadata(root)
-    if not sign_with:
-        raise SigningError("init needs at least one --sign-with root key")
-    _sign(root_md, _signers(sign_with, role_keys(root, "root"), "root", secrets))
-    days = expires.get("targets", DEFAULT_EXPIRY_DAYS["targets"])
-    _create(path, root_md, Metadata(Targets(expires=expiry(days))), expires)
-
-
-def _create(path: Path, root_md: Metadata[Root], targets_md: Metadata[Targets],
-            expires: Mapping[str, int]) -> None:
-    # Later versions take their default expiry from here (see Store.expiry_days).
-    config = {"expires": dict(expires)}
-    created = not path.exists()
-    try:
-        for sub in ("metadata", "targets", "staged"):
-            makedirs_durable(path / sub)
-        atomic_write(path / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-        atomic_write(path / "staged" / "root.json", to_bytes(root_md))
-        atomic_write(path / "staged" / "targets.json", to_bytes(targets_md))
-    except OSError as e:
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-        raise RepositoryIOError(f"{path}: cannot create repository: {e.strerror}") from e
-
-
-def init_from_root(path: Path, root_json: Path, *, expires: Mapping[str, int] | None = None
-                   ) -> None:
-    """Create a repository around an existing root v1 (e.g. from a key ceremony, or
-    keys-example/root.json): it must be signed to its own threshold."""
-    expires = dict(expires or {})
-    _check_expires(expires, ("targets", "snapshot", "timestamp"))
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RepositoryStateError(f"{path}: exists and is not an empty directory")
-    try:
-        root_md: Metadata[Root] = Metadata.from_bytes(root_json.read_bytes())
-    except OSError as e:
-        raise SigningError(f"root {root_json}: cannot read: {e.strerror}") from e
-    except DeserializationError as e:
-        raise SigningError(f"root {root_json}: not TUF metadata: {e}") from e
-    if root_md.signed.type != "root" or root_md.signed.version != 1:
-        raise SigningError(f"root {root_json}: must be root metadata version 1")
-    result = root_md.signed.get_root_verification_result(
-        None, root_md.signed_bytes, root_md.signatures)
-    if not result.verified:
-        raise ThresholdError(f"root {root_json}: not signed to its own threshold")
-    if not root_md.signed.consistent_snapshot:
-        raise SigningError(f"root {root_json}: consistent_snapshot must be true")
-    days = expires.get("targets", DEFAULT_EXPIRY_DAYS["targets"])
-    _create(path, root_md, Metadata(Targets(expires=expiry(days))), expires)
-
-
 def add_release(
     path: Path,
     release: Release,
@@ -269,7 +133,7 @@ def add_release(
         raise SigningError(f"--expires {expires_days}: days must be >= 0")
     with Store(path) as store:
         root = store.current_root()
-        signers = _signers(sign_with, role_keys(root.signed, "targets"), "targets", secrets)
+        signers = load_signers(sign_with, role_keys(root.signed, "targets"), "targets", secrets)
         if not signers:
             raise SigningError("add needs at least one --sign-with targets key")
         targets, _ = store.editable("targets", expires_days)
@@ -295,7 +159,7 @@ def add_release(
             files = _store_image(store, release, created)
             for tf in files:
                 targets.signed.targets[tf.path] = tf
-            _sign(targets, signers)
+            sign_all(targets, signers)
             store.write_staged(targets)
         except BaseException:
             for p in created:
@@ -361,36 +225,9 @@ def sign_role(
         root = md if role == "root" else store.current_root()
         keys = root_signing_keys(store, root) if role == "root" else role_keys(
             root.signed, role)
-        _sign(md, _signers(sign_with, keys, role, secrets))
+        sign_all(md, load_signers(sign_with, keys, role, secrets))
         store.write_staged(md)
         return threshold_of(root.signed, role, md)
-
-
-def _require_threshold(store: Store, root: Metadata[Root], role: str,
-                       md: Metadata[Any]) -> None:
-    version = md.signed.version
-    if role == "root":
-        previous = store.published_root(version - 1) if version > 1 else None
-        prev_signed = previous.signed if previous is not None else None
-        result = root.signed.get_root_verification_result(
-            prev_signed, md.signed_bytes, md.signatures)
-        if not result.verified:
-            parts = [f"{r.missing} more from the keys of root v{v} (has {len(r.signed)} of "
-                     f"{r.threshold})" for r, v in ((result.first, version - 1),
-                                                    (result.second, version)) if r.missing]
-            if result.first is result.second or version == 1:
-                parts = parts[:1]
-            raise ThresholdError(
-                f"root v{version} lacks signatures: needs {'; '.join(parts)}; "
-                f"add them with `sign-release sign REPO root --sign-with KEY`")
-        return
-    t = threshold_of(root.signed, role, md)
-    if t.missing:
-        hint = (f"; add them with `sign-release sign REPO {role} --sign-with KEY`"
-                if role in OFFLINE_ROLES else "")
-        raise ThresholdError(
-            f"{role} v{version} has {len(t.signed)} of {t.threshold} signatures needed "
-            f"from its keys in root v{root.signed.version}, lacks {t.missing}{hint}")
 
 
 def publish(
@@ -405,7 +242,7 @@ def publish(
     timestamp."""
     secrets = secrets or Secrets()
     expires = dict(expires or {})
-    _check_expires(expires, ONLINE_ROLES)
+    check_expires(expires, ONLINE_ROLES)
     with Store(path) as store:
         root = store.current_root()
         staged_root = store.staged("root")
@@ -414,10 +251,10 @@ def publish(
             raise RepositoryStateError(f"{path}: no targets metadata to publish")
         for role, md in (("root", root), ("targets", targets)):
             check_not_expired(md, role)
-            _require_threshold(store, root, role, md)
-        snap_signers = _signers(snapshot_keys, role_keys(root.signed, "snapshot"),
+            require_threshold(store, root, role, md)
+        snap_signers = load_signers(snapshot_keys, role_keys(root.signed, "snapshot"),
                                 "snapshot", secrets)
-        ts_signers = _signers(timestamp_keys, role_keys(root.signed, "timestamp"),
+        ts_signers = load_signers(timestamp_keys, role_keys(root.signed, "timestamp"),
                               "timestamp", secrets)
         old_snapshot = store.published_snapshot()
         snapshot = Metadata(Snapshot(
@@ -425,12 +262,12 @@ def publish(
             expires=expiry(expires.get("snapshot", store.expiry_days("snapshot"))),
             meta={"targets.json": MetaFile(targets.signed.version)},
         ))
-        _sign(snapshot, snap_signers)
-        _require_threshold(store, root, "snapshot", snapshot)
+        sign_all(snapshot, snap_signers)
+        require_threshold(store, root, "snapshot", snapshot)
         timestamp = _new_timestamp(store, snapshot, expires.get("timestamp",
                                                                 store.expiry_days("timestamp")))
-        _sign(timestamp, ts_signers)
-        _require_threshold(store, root, "timestamp", timestamp)
+        sign_all(timestamp, ts_signers)
+        require_threshold(store, root, "timestamp", timestamp)
         staged_targets = store.staged("targets") is not None
         if staged_root is not None:
             store.write_published(staged_root)
@@ -467,7 +304,7 @@ def refresh_timestamp(
     Needs only the timestamp key; returns the new timestamp version."""
     secrets = secrets or Secrets()
     expires = dict(expires or {})
-    _check_expires(expires, ("timestamp",))
+    check_expires(expires, ("timestamp",))
     with Store(path) as store:
         root = store.published_root()
         snapshot = store.published_snapshot()
@@ -475,15 +312,15 @@ def refresh_timestamp(
         if root is None or snapshot is None or old is None:
             raise RepositoryStateError(f"{path}: nothing published yet; run `publish` first")
         check_not_expired(snapshot, "published snapshot")
-        signers = _signers(timestamp_keys, role_keys(root.signed, "timestamp"),
+        signers = load_signers(timestamp_keys, role_keys(root.signed, "timestamp"),
                            "timestamp", secrets)
         timestamp = Metadata(Timestamp(
             version=old.signed.version + 1,
             expires=expiry(expires.get("timestamp", store.expiry_days("timestamp"))),
             snapshot_meta=old.signed.snapshot_meta,
         ))
-        _sign(timestamp, signers)
-        _require_threshold(store, root, "timestamp", timestamp)
+        sign_all(timestamp, signers)
+        require_threshold(store, root, "timestamp", timestamp)
         store.write_published(timestamp)
         return timestamp.signed.version
 
@@ -530,8 +367,8 @@ def rotate(
         if not 1 <= new_threshold <= len(current):
             raise ThresholdError(f"role {role}: threshold {new_threshold} needs between 1 and "
                                  f"{len(current)} keys (it would have {len(current)})")
-        signers = _signers(sign_with, root_signing_keys(store, root), "root", secrets)
-        _sign(root, signers)
+        signers = load_signers(sign_with, root_signing_keys(store, root), "root", secrets)
+        sign_all(root, signers)
         staged_targets = None
         if role == "targets" and (add_keys or remove_keyids):
             staged_targets, _ = store.editable("targets", None)

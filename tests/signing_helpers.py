@@ -28,6 +28,7 @@ from pathlib import Path
 from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]
 from tuf.ngclient.updater import Updater
 
+from signing import create
 from signing import repository as ops
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ def publish(repo: Path, expires: Mapping[str, int] | None = None) -> dict[str, i
 def make_repo(dest: Path, images: Sequence[ImageSpec] = (),
               expires: Mapping[str, int] | None = None) -> Path:
     """Create a published repository at `dest` (absent or empty) holding `images`."""
-    ops.init_from_root(dest, ROOT_JSON)
+    create.init_from_root(dest, ROOT_JSON)
     add_release(dest, images)
     publish(dest, expires)
     return dest

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from signing.cli import cli
+from signing.create import init_repository
 from signing.keys import generate_key, load_public_key
-from signing.repository import Release, add_release, init_repository, publish
+from signing.repository import Release, add_release, publish
 from tests.signing_helpers import tree_digest, write_image
 
 PASS = "s3cret passphrase"

@@ -1,0 +1,101 @@
+"""Signing a role: which keys count for it, loading signers, and threshold checks.
+
+Invariants: a signer is only ever built for a key the role accepts in the root that
+will be in force (for a new root: its own keys or the previous root's); thresholds
+are counted by python-tuf (`get_verification_result` / `get_root_verification_result`),
+never by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
+
+from signing.errors import KeyFileError, SigningError, ThresholdError
+from signing.keys import Secrets, load_signer
+from signing.store import OFFLINE_ROLES, Store, role_keys, threshold_of
+
+
+def load_signers(
+    specs: Sequence[str], keys: Mapping[str, Key], role: str, secrets: Secrets
+) -> list[Signer]:
+    signers = [load_signer(s, keys, role, secrets.passphrases, secrets.pins) for s in specs]
+    seen: set[str] = set()
+    for spec, signer in zip(specs, signers, strict=True):
+        if signer.public_key.keyid in seen:
+            raise SigningError(f"{spec}: the same key is given twice for role {role}")
+        seen.add(signer.public_key.keyid)
+    return signers
+
+
+def sign_all(md: Metadata[Any], signers: Sequence[Signer]) -> None:
+    for signer in signers:
+        try:
+            md.sign(signer, append=True)
+        except UnsignedMetadataError as e:
+            # A token or KMS failing mid-way (PIN, session, network): name the key.
+            cause = e.__cause__ or e
+            reason = str(cause).strip() or type(cause).__name__
+            raise KeyFileError(f"signing {md.signed.type} with key "
+                               f"{signer.public_key.keyid[:16]} failed: {reason}") from e
+
+
+def check_expires(expires: Mapping[str, int], allowed: Sequence[str]) -> None:
+    for role, days in expires.items():
+        if role not in allowed:
+            raise SigningError(f"--expires {role}=...: this command sets {', '.join(allowed)}")
+        if days < 0:
+            raise SigningError(f"--expires {role}={days}: days must be >= 0")
+
+
+def check_threshold(keys: Sequence[Key], threshold: int, role: str) -> None:
+    if len({k.keyid for k in keys}) != len(keys):
+        raise SigningError(f"role {role}: the same key is given twice")
+    if not 1 <= threshold <= len(keys):
+        raise ThresholdError(
+            f"role {role}: threshold {threshold} needs between 1 and {len(keys)} "
+            f"(the number of its keys)"
+        )
+
+
+def root_signing_keys(store: Store, root: Metadata[Root]) -> dict[str, Key]:
+    """Keys that may sign `root`: its own root keys and, for a new version, the
+    previous published root's keys (a rotation needs both thresholds)."""
+    keys = role_keys(root.signed, "root")
+    previous = store.published_root(root.signed.version - 1) if root.signed.version > 1 else None
+    if previous is not None:
+        keys.update(role_keys(previous.signed, "root"))
+    return keys
+
+
+def require_threshold(store: Store, root: Metadata[Root], role: str,
+                       md: Metadata[Any]) -> None:
+    version = md.signed.version
+    if role == "root":
+        previous = store.published_root(version - 1) if version > 1 else None
+        prev_signed = previous.signed if previous is not None else None
+        result = root.signed.get_root_verification_result(
+            prev_signed, md.signed_bytes, md.signatures)
+        if not result.verified:
+            parts = [f"{r.missing} more from the keys of root v{v} (has {len(r.signed)} of "
+                     f"{r.threshold})" for r, v in ((result.first, version - 1),
+                                                    (result.second, version)) if r.missing]
+            if result.first is result.second or version == 1:
+                parts = parts[:1]
+            raise ThresholdError(
+                f"root v{version} lacks signatures: needs {'; '.join(parts)}; "
+                f"add them with `sign-release sign REPO root --sign-with KEY`")
+        return
+    t = threshold_of(root.signed, role, md)
+    if t.missing:
+        hint = (f"; add them with `sign-release sign REPO {role} --sign-with KEY`"
+                if role in OFFLINE_ROLES else "")
+        raise ThresholdError(
+            f"{role} v{version} has {len(t.signed)} of {t.threshold} signatures needed "
+            f"from its keys in root v{root.signed.version}, lacks {t.missing}{hint}")
+
+
