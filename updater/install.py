@@ -257,29 +257,28 @@ def write_image(
     )
 
 
-class _BlockWriter:
-    """Hashes and writes blocks in a second thread while the caller decompresses.
+class _HashingPipe:
+    """Blocks handed to a second thread that hashes them, then passes them to `sink`.
 
-    sha256 and pwrite release the GIL, so on a two-core node they overlap with the
-    decompression and the repository's hashing of the compressed stream. Blocks go
-    round a fixed ring of `count` buffers: memory stays `count * BLOCK_SIZE`, and
-    blocks are hashed and written in the order they were submitted.
+    sha256 and pwrite/pread release the GIL, so on a two-core node the hashing (and
+    writing) overlaps with what the caller does next: decompressing the following
+    block, or reading it back. Blocks go round a fixed ring of `count` buffers, so
+    memory stays `count * BLOCK_SIZE`; they are hashed and sunk in submission order.
     """
 
-    def __init__(self, fd: int, target: PartitionTarget, count: int = 3) -> None:
-        self._fd = fd
-        self._target = target
+    def __init__(self, sink: Callable[[memoryview, int], None] | None, count: int = 3) -> None:
+        self._sink = sink
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._full: queue.SimpleQueue[tuple[bytearray, int, int] | None] = queue.SimpleQueue()
         for _ in range(count):
             self._free.put(bytearray(BLOCK_SIZE))
         self._digest = hashlib.sha256()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="image-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="image-hasher", daemon=True)
         self._thread.start()
 
     def take(self) -> bytearray:
-        """A free buffer (blocks while all are in flight); raises the writer's error."""
+        """A free buffer (blocks while all are in flight); raises the thread's error."""
         buf = self._free.get()
         if self._error is not None:
             raise self._error
@@ -289,11 +288,11 @@ class _BlockWriter:
         self._free.put(buf)
 
     def submit(self, buf: bytearray, length: int, position: int) -> None:
-        """Hash `buf[:length]` and write it at `position` bytes into the partition."""
+        """Hash `buf[:length]`, then sink it at `position` bytes into the image."""
         self._full.put((buf, length, position))
 
     def finish(self) -> str:
-        """Wait for every submitted block; the sha256 of everything written."""
+        """Wait for every submitted block; the sha256 of all of them."""
         self.close()
         if self._error is not None:
             raise self._error
@@ -311,13 +310,9 @@ class _BlockWriter:
                 block = memoryview(buf)[:length]
                 try:
                     self._digest.update(block)
-                    _pwrite_all(self._fd, block, self._target.offset + position)
-                except OSError as err:
-                    self._error = WriteFailed(
-                        f"writing {self._target.describe()} at byte {position}: {err.strerror}"
-                    )
-                    self._error.__cause__ = err
-                except BaseException as err:  # surfaced in the caller's thread
+                    if self._sink is not None:
+                        self._sink(block, position)
+                except BaseException as err:  # re-raised in the caller's thread
                     self._error = err
                 finally:
                     block.release()
@@ -335,7 +330,16 @@ def _stream_into(
     """Decompress `source` into `fd` at the target's offset; (raw bytes, sha256 hex)."""
     what = f"image for {target.describe()}"
     reader = open_raw_reader(source, compression, what)
-    writer = _BlockWriter(fd, target)
+
+    def write(block: memoryview, position: int) -> None:
+        try:
+            _pwrite_all(fd, block, target.offset + position)
+        except OSError as err:
+            raise WriteFailed(
+                f"writing {target.describe()} at byte {position}: {err.strerror}"
+            ) from err
+
+    writer = _HashingPipe(write)
     done = 0
     last_report = time.monotonic()
     if progress is not None:
@@ -390,38 +394,34 @@ def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) 
         raise ImageRejected(
             f"cannot verify {raw_length} bytes in {target.describe()} of {target.size} bytes"
         )
-    digest = hashlib.sha256()
-    buf = bytearray(BLOCK_SIZE)
-    view = memoryview(buf)
     try:
         fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise WriteFailed(f"cannot open {target.describe()} to verify: {err.strerror}") from err
+    hasher = _HashingPipe(None)  # hashes block n while block n+1 is read
     try:
         os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
         os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_SEQUENTIAL)
         done = 0
         while done < raw_length:
+            buf = hasher.take()
             want = min(BLOCK_SIZE, raw_length - done)
-            # Start reading the next block from the device while this one is hashed.
-            ahead = done + want
-            if ahead < raw_length:
-                length = min(BLOCK_SIZE, raw_length - ahead)
-                os.posix_fadvise(fd, target.offset + ahead, length, os.POSIX_FADV_WILLNEED)
-            n = os.preadv(fd, [view[:want]], target.offset + done)
+            with memoryview(buf) as view:
+                n = os.preadv(fd, [view[:want]], target.offset + done)
             if n == 0:
                 raise ReadBackMismatch(
                     f"{target.describe()} ends after {done} of {raw_length} bytes"
                 )
-            digest.update(view[:n])
+            hasher.submit(buf, n, done)
             done += n
+        got = hasher.finish()
         # Do not leave a GiB of image in the page cache after verifying it.
         os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
     except OSError as err:
         raise WriteFailed(f"reading back {target.describe()}: {err.strerror}") from err
     finally:
+        hasher.close()
         os.close(fd)
-    got = digest.hexdigest()
     if got != raw_sha256.lower():
         raise ReadBackMismatch(
             f"{target.describe()} holds sha256 {got} over {raw_length} bytes,"
