@@ -96,9 +96,12 @@ def compress_stream(src: IO[bytes], dst: IO[bytes], kind: str, raw_size: int) ->
 def decompress_chunks(src: IO[bytes], kind: str) -> Iterator[bytes]:
     """Yield the raw content of a stored target, chunk by chunk."""
     if kind == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
-        while chunk := reader.read(CHUNK):
-            yield chunk
+        # One frame (what compress_stream writes); eof tells a truncated one apart.
+        zdec = zstandard.ZstdDecompressor().decompressobj()
+        while chunk := src.read(CHUNK):
+            yield zdec.decompress(chunk)
+        if not zdec.eof:
+            raise ValueError("truncated zstd stream")
         return
     dec: lzma.LZMADecompressor | zlib._Decompress | None
     if kind == "xz":
