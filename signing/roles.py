@@ -81,11 +81,12 @@ def require_threshold(store: Store, root: Metadata[Root], role: str,
         result = root.signed.get_root_verification_result(
             prev_signed, md.signed_bytes, md.signatures)
         if not result.verified:
+            # Root v1 is checked against itself only; later ones also against v(N-1).
+            checks = [(result.second, version)]
+            if version > 1:
+                checks.insert(0, (result.first, version - 1))
             parts = [f"{r.missing} more from the keys of root v{v} (has {len(r.signed)} of "
-                     f"{r.threshold})" for r, v in ((result.first, version - 1),
-                                                    (result.second, version)) if r.missing]
-            if result.first is result.second or version == 1:
-                parts = parts[:1]
+                     f"{r.threshold})" for r, v in checks if r.missing]
             raise ThresholdError(
                 f"root v{version} lacks signatures: needs {'; '.join(parts)}; "
                 f"add them with `sign-release sign REPO root --sign-with KEY`")

@@ -62,7 +62,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
              f"{'days left':>9}  keyids"]
     for role, entry in status["roles"].items():
         if not entry:
-            lines.append(f"{role:<10} {'-':<10}")
+            lines.append(f"{role:<10} -")
         for state in ("published", "staged"):
             e = entry.get(state)
             if e is None:
