@@ -192,8 +192,10 @@ class Agent:
             metadata_url, targets_url, repo.trusted_root, self.state_dir / "tuf", fetcher=fetcher
         )
 
-    def installed_version(self) -> str | None:
-        return self.journal().version_in(self.booted)
+    def installed_version(self, journal: Journal | None = None) -> str | None:
+        """The booted slot's version: the journal's record, else the image's os-release."""
+        journal = journal or self.journal()
+        return journal.version_in(self.booted) or image_version(self.config.device.os_release)
 
     def status(self) -> dict[str, Any]:
         journal = self.journal()
@@ -206,7 +208,9 @@ class Agent:
                 label = SlotState.TRYING.value  # booted but not committed yet
             slots[slot] = {
                 "state": label,
-                "version": journal.version_in(slot),
+                "version": self.installed_version(journal)
+                if slot == booted
+                else journal.version_in(slot),
                 "booted": slot == booted,
                 "partitions": {r: t.label for r, t in sorted(self.targets[slot].items())},
             }
@@ -241,7 +245,7 @@ class Agent:
             repo.targets(),
             hardware=self.config.device.hardware,
             channel=self.config.device.channel,
-            installed_version=journal.version_in(self.booted),
+            installed_version=self.installed_version(journal),
             failed_versions=list(journal.failed_versions),
             want_version=want_version,
             force=force,
@@ -260,7 +264,7 @@ class Agent:
         self._save(self.journal().with_check(None))
         return {
             "update_available": chosen is not None,
-            "current_version": journal.version_in(self.booted),
+            "current_version": self.installed_version(journal),
             "version": chosen.version if chosen else None,
             "images": {
                 role: {"path": img.path, "length": img.target.length, "raw_length": img.raw_length}
@@ -455,7 +459,7 @@ class Agent:
             return HealthOutcome("fell-back", booted, journal.version_in(booted), reason)
 
         tentative = pending is not None or self.boot.get_state(booted) is not SlotState.GOOD
-        version = journal.version_in(booted)
+        version = pending.version if pending is not None else self.installed_version(journal)
         if not tentative:
             return HealthOutcome("nothing", booted, version, f"slot {booted} is committed")
 
@@ -521,6 +525,23 @@ class Agent:
             delay = self.config.daemon.interval + rng.uniform(0, self.config.daemon.jitter)
             log.info("next check in %.0f s", delay)
             sleep(delay)
+
+
+def image_version(os_release: Path) -> str | None:
+    """`IMAGE_VERSION=` of an os-release file (systemd's field for image-based OSes)."""
+    try:
+        with os_release.open(encoding="utf-8", errors="replace") as f:
+            text = f.read(64 * 1024)
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "IMAGE_VERSION":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            return value or None
+    return None
 
 
 def _for_role(progress: Progress | None, role: str) -> Callable[[int, int], None] | None:

@@ -58,6 +58,9 @@ class DeviceConfig:
     grubenv: Path | None = None
     booted_slot: str = "auto"  # "auto", or "A" / "B" to override detection
     state_dir: Path = Path("/var/lib/updater")
+    # os-release file of the running image; its IMAGE_VERSION= names the booted slot's
+    # version when the journal does not know it yet (first boot of a factory image).
+    os_release: Path = Path("/etc/os-release")
 
 
 @dataclass(frozen=True)
@@ -291,9 +294,9 @@ def _device(t: _Table) -> DeviceConfig:
         raise t.error("bootloader", f"unknown bootloader {bootloader!r} (known: {names})")
     grubenv = t.path("grubenv")
     if bootloader == "grub" and grubenv is None:
-        raise t.error("grubenv", "missing (required when bootloader = \"grub\")")
+        raise t.error("grubenv", 'missing (required when bootloader = "grub")')
     if bootloader != "grub" and grubenv is not None:
-        raise t.error("grubenv", f"only used by bootloader = \"grub\", not {bootloader!r}")
+        raise t.error("grubenv", f'only used by bootloader = "grub", not {bootloader!r}')
     booted_slot = t.string("booted_slot") or "auto"
     if booted_slot not in ("auto", *SLOTS):
         allowed = ", ".join(("auto", *SLOTS))
@@ -306,6 +309,7 @@ def _device(t: _Table) -> DeviceConfig:
         grubenv=grubenv,
         booted_slot=booted_slot,
         state_dir=t.path("state_dir") or DeviceConfig.state_dir,
+        os_release=t.path("os_release") or DeviceConfig.os_release,
     )
     t.finish()
     return device
@@ -317,7 +321,7 @@ def _slots(root: _Table) -> Mapping[str, Mapping[str, str]]:
     for slot in SLOTS:
         sub = _sub_table(table, slot, required=True)
         if not sub.data:
-            raise sub.error("", "names no partition (expected e.g. root = \"root_a\")")
+            raise sub.error("", 'names no partition (expected e.g. root = "root_a")')
         roles: dict[str, str] = {}
         for role in sub.data:
             roles[role] = sub.required_string(role)
@@ -354,7 +358,7 @@ def _health(t: _Table) -> HealthConfig:
         check = _Table(t.file, t.name, raw, prefix=f"{key}.")
         has_command, has_http = "command" in raw, "http" in raw
         if has_command == has_http:
-            raise t.error(key, "needs exactly one of command = [...] or http = \"...\"")
+            raise t.error(key, 'needs exactly one of command = [...] or http = "..."')
         command = http = None
         if has_command:
             check.seen.add("command")

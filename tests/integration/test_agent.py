@@ -1,0 +1,285 @@
+"""The agent end to end on the host: a repository made by the signing tools, served by a
+real HTTP server on 127.0.0.1, a sparse disk laid out by `updater layout apply`, the
+bootloader state read back with the real `grub-editenv` and `cgpt`.
+
+The node's reboots are simulated only where GRUB would act (setting `<slot>_TRY=1`,
+proven by tests/integration/test_grub_qemu.py); everything the agent does runs for
+real through its console script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_tool
+from tests.httpserver import HTTPTestServer
+from tests.signing_helpers import ROOT_JSON, ImageSpec, add_release, make_repo, publish
+from tests.signing_helpers import write_image as make_image_file
+from updater.boot.grub import initial_grubenv
+from updater.disk.gpt import read_gpt
+from updater.disk.grubenv import write_grubenv
+
+BIN = Path(sys.executable).parent
+LAYOUTS = Path(__file__).resolve().parents[2] / "partition-layouts"
+MiB = 1 << 20
+
+
+@dataclass
+class Node:
+    root: Path
+    disk: Path
+    grubenv: Path
+    server: HTTPTestServer
+    repo: Path
+    bootloader: str = "grub"
+    images: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def reboots(self) -> Path:
+        return self.root / "reboots.log"
+
+    def write_config(self, booted: str) -> None:
+        grubenv = f'grubenv = "{self.grubenv}"\n' if self.bootloader == "grub" else ""
+        self.config.write_text(
+            f"""
+[repository]
+metadata_url = "{self.server.url}/metadata"
+targets_url = "{self.server.url}/targets"
+trusted_root = "{ROOT_JSON}"
+retries = 3
+[device]
+hardware = "x86_64-efi"
+disk = "{self.disk}"
+bootloader = "{self.bootloader}"
+{grubenv}booted_slot = "{booted}"
+state_dir = "{self.root / "state"}"
+os_release = "{self.root / "os-release"}"
+[slots.A]
+root = "root_a"
+[slots.B]
+root = "root_b"
+[health]
+deadline = 0.5
+interval = 0.1
+checks = [{{ command = ["sh", "-c", "test ! -e {self.root / "unhealthy"}"] }}]
+[hooks]
+pre_reboot = ["sh", "-c", "echo pre_reboot >> {self.reboots}"]
+reboot = ["sh", "-c", "echo reboot >> {self.reboots}"]
+"""
+        )
+
+    def run(
+        self, *args: str, booted: str = "A", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        self.write_config(booted)
+        return subprocess.run(
+            [str(BIN / "updater"), "--config", str(self.config), "--json", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=120,
+        )
+
+    def ok(self, *args: str, booted: str = "A") -> dict[str, Any]:
+        done = self.run(*args, booted=booted)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    def env(self) -> dict[str, str]:
+        out = run_tool("grub-editenv", self.grubenv, "list").stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def slot_sha(self, slot: str, length: int) -> str:
+        gpt = read_gpt(self.disk)
+        part = gpt.find(f"root_{slot.lower()}")
+        with self.disk.open("rb") as f:
+            f.seek(part.first_lba * gpt.sector_size)
+            return hashlib.sha256(f.read(length)).hexdigest()
+
+    def grub_boots(self, slot: str) -> None:
+        """What the shipped GRUB script does when it boots `slot` (see test_grub_qemu)."""
+        run_tool("grub-editenv", self.grubenv, "set", f"{slot}_TRY=1")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    disk = tmp_path / "disk.img"
+    subprocess.run(
+        [BIN / "updater", "layout", "apply", LAYOUTS / "grub-efi-ab.toml", disk, "--size", "1G"],
+        check=True,
+        capture_output=True,
+    )
+    grubenv = tmp_path / "grubenv"
+    write_grubenv(grubenv, initial_grubenv("A"))
+    images = {"1.0.0": make_image_file(tmp_path / "v1.0.0.img", 3 * MiB + 4096, seed=1)}
+    # Incompressible, so the stored target is large enough to be cut mid-stream.
+    images["2.0.0"] = tmp_path / "v2.0.0.img"
+    images["2.0.0"].write_bytes(random.Random(2).randbytes(3 * MiB + 2 * 4096))
+    repo = make_repo(tmp_path / "www", [ImageSpec(images["2.0.0"], "2.0.0")])
+    (tmp_path / "os-release").write_text('NAME="node"\nIMAGE_VERSION="1.0.0"\n')
+    with HTTPTestServer(repo) as server:
+        yield Node(tmp_path, disk, grubenv, server, repo, images=images)
+
+
+def test_install_commit_and_status(node: Node) -> None:
+    status = node.ok("status")
+    assert status["booted_slot"] == "A" and status["primary_slot"] == "A"
+    assert status["slots"]["A"]["version"] == "1.0.0"
+
+    check = node.ok("check")
+    assert check["update_available"] and check["version"] == "2.0.0"
+
+    result = node.ok("install")
+    assert result["version"] == "2.0.0" and result["slot"] == "B" and result["rebooting"]
+    env = node.env()
+    assert (env["ORDER"], env["B_OK"], env["B_TRY"]) == ("B A", "1", "0")
+    assert node.slot_sha("B", 3 * MiB + 2 * 4096) == sha(node.images["2.0.0"])
+    assert node.reboots.read_text().split() == ["pre_reboot", "reboot"]
+    status = node.ok("status")
+    assert status["pending"]["slot"] == "B" and status["pending"]["version"] == "2.0.0"
+
+    # GRUB boots B with one try; the health check passes and commits it.
+    node.grub_boots("B")
+    assert node.ok("status", booted="B")["slots"]["B"]["state"] == "trying"
+    outcome = node.ok("health-check", booted="B")
+    assert outcome["action"] == "committed"
+    env = node.env()
+    assert (env["ORDER"], env["B_OK"], env["B_TRY"]) == ("B A", "1", "0")
+    status = node.ok("status", booted="B")
+    assert status["pending"] is None
+    assert status["slots"]["B"] == {
+        "state": "good",
+        "version": "2.0.0",
+        "booted": True,
+        "partitions": {"root": "root_b"},
+    }
+    # Nothing newer: a second install does nothing and writes nothing.
+    assert node.ok("install", booted="B")["installed"] is False
+
+
+def test_failed_health_check_rolls_back_and_is_not_retried(node: Node) -> None:
+    node.ok("install")
+    node.grub_boots("B")
+    (node.root / "unhealthy").touch()
+    done = node.run("health-check", booted="B")
+    assert done.returncode == 5, done.stderr
+    assert json.loads(done.stdout)["action"] == "rolled-back"
+    env = node.env()
+    assert (env["ORDER"], env["A_OK"], env["A_TRY"], env["B_OK"]) == ("A B", "1", "0", "0")
+    # Back on A: the failed version is remembered and a plain install skips it.
+    status = node.ok("status", booted="A")
+    assert status["failed_versions"] == ["2.0.0"] and status["slots"]["B"]["state"] == "bad"
+    assert node.ok("install", booted="A")["installed"] is False
+    # ... but an explicit --version is a deliberate retry.
+    assert node.ok("install", "--version", "2.0.0", "--no-reboot")["slot"] == "B"
+
+
+def test_bootloader_fell_back_without_the_agent(node: Node) -> None:
+    node.ok("install")
+    # GRUB tried B (B_TRY=1), B never reached user space, GRUB fell back to A.
+    node.grub_boots("B")
+    node.grub_boots("A")
+    done = node.run("health-check", booted="A")
+    assert done.returncode == 5
+    assert json.loads(done.stdout)["action"] == "fell-back"
+    env = node.env()
+    assert env["B_OK"] == "0" and env["A_TRY"] == "0" and env["A_OK"] == "1"
+    assert node.ok("status")["failed_versions"] == ["2.0.0"]
+
+
+def test_health_check_before_reboot_changes_nothing(node: Node) -> None:
+    node.ok("install", "--no-reboot")
+    before = node.grubenv.read_bytes()
+    assert node.ok("health-check")["action"] == "waiting-for-reboot"
+    assert node.grubenv.read_bytes() == before
+
+
+def test_tampered_image_is_refused_and_primary_unchanged(node: Node) -> None:
+    target = next(p for p in node.repo.rglob("*.root.img.zst"))
+    node.server.tamper("/" + str(target.relative_to(node.repo)), offset=100)
+    done = node.run("install")
+    assert done.returncode == 3, done.stderr
+    assert "sha" in done.stderr or "hash" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+    env = node.env()
+    assert env["ORDER"] == "A B" and env["B_OK"] == "0"  # inactive invalidated, A primary
+    assert not node.reboots.exists()
+
+
+def test_connection_cut_mid_image_resumes(node: Node) -> None:
+    target = next(p for p in node.repo.rglob("*.root.img.zst"))
+    url_path = "/" + str(target.relative_to(node.repo))
+    node.server.cut(url_path, after=target.stat().st_size // 2)
+    node.ok("install", "--no-reboot")
+    logged = node.server.requests_for(url_path)
+    assert any(r.range for r in logged), (url_path, node.server.requests)
+    assert node.slot_sha("B", 3 * MiB + 2 * 4096) == sha(node.images["2.0.0"])
+
+
+def test_other_hardware_and_downgrade_are_refused(node: Node) -> None:
+    add_release(node.repo, [ImageSpec(node.images["1.0.0"], "3.0.0", hardware=("arm64-efi",))])
+    publish(node.repo)
+    assert node.ok("check")["version"] == "2.0.0"  # 3.0.0 is for other hardware
+    done = node.run("install", "--version", "3.0.0")
+    assert done.returncode == 3 and "not available for hardware x86_64-efi" in done.stderr
+    node.ok("install")
+    node.grub_boots("B")
+    node.ok("health-check", booted="B")
+    add_release(node.repo, [ImageSpec(node.images["1.0.0"], "1.5.0")])
+    publish(node.repo)
+    done = node.run("install", "--version", "1.5.0", booted="B")
+    assert done.returncode == 3 and "downgrade" in done.stderr
+    assert node.env()["ORDER"] == "B A"
+
+
+def test_gptprio_backend(tmp_path: Path, node: Node) -> None:
+    node.bootloader = "gptprio"
+    subprocess.run(
+        [BIN / "updater", "layout", "apply", LAYOUTS / "gptprio-ab.toml", node.disk, "--force"],
+        check=True,
+        capture_output=True,
+    )
+    node.ok("install")
+
+    def cgpt(slot_index: int, flag: str) -> int:
+        return int(run_tool("cgpt", "show", "-i", str(slot_index), flag, node.disk).stdout)
+
+    gpt = read_gpt(node.disk)
+    a, b = gpt.find("root_a").number, gpt.find("root_b").number
+    assert (cgpt(b, "-P"), cgpt(b, "-T"), cgpt(b, "-S")) == (2, 1, 0)
+    assert (cgpt(a, "-P"), cgpt(a, "-S")) == (1, 1)
+    # The firmware boots B and spends its try; the health check commits it.
+    run_tool("cgpt", "add", "-i", str(b), "-T", "0", node.disk)
+    assert node.ok("health-check", booted="B")["action"] == "committed"
+    assert cgpt(b, "-S") == 1
+
+
+def test_bad_config_is_one_line(node: Node) -> None:
+    node.write_config("A")
+    node.config.write_text(node.config.read_text().replace('root = "root_b"', 'root = "root_x"'))
+    done = subprocess.run(
+        [BIN / "updater", "--config", node.config, "status"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "root_x" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
