@@ -222,3 +222,18 @@ def test_bad_input_through_the_console_script(env: Path) -> None:
     assert proc.stderr == "sign-release: error: private key keys/targets: wrong passphrase\n"
     assert proc.stdout == ""
     assert tree_digest(Path("repo")) == before
+
+
+def test_repository_in_use_by_another_command(env: Path) -> None:
+    from signing.store import Store
+
+    with Store(Path("repo")):
+        unchanged([*ADD, "--sign-with", "keys/targets", "--passphrase-file", "pass"], 2,
+                  "another sign-release command is using this repository")
+
+
+def test_init_under_a_missing_parent(env: Path) -> None:
+    fails(["init", "no/such/dir/repo", "--root-key", "keys/root.pub", "--targets-key",
+           "keys/targets.pub", "--snapshot-key", "keys/snapshot.pub", "--timestamp-key",
+           "keys/timestamp.pub", "--sign-with", "keys/root"], 2, "parent directory")
+    assert not Path("no").exists()
