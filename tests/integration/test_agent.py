@@ -160,3 +160,47 @@ def test_bad_config_is_one_line(node: Node) -> None:
     assert done.returncode == 2
     assert "root_x" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_endless_image_response_is_refused(node: Node) -> None:
+    target = next(p for p in node.repo.rglob("*.root.img.zst"))
+    node.server.endless("/" + str(target.relative_to(node.repo)))
+    done = node.run("install")
+    assert done.returncode == 3, done.stderr
+    assert "length" in done.stderr or "exceed" in done.stderr
+    env = node.env()
+    assert env["ORDER"] == "A B" and env["B_OK"] == "0" and env["A_OK"] == "1"
+    assert node.holds("A", "1.0.0")
+
+
+def test_replayed_old_timestamp_is_refused(node: Node) -> None:
+    old = (node.repo / "metadata" / "timestamp.json").read_bytes()
+    publish(node.repo)  # timestamp v2
+    assert node.ok("check")["version"] == "2.0.0"  # the node now trusts timestamp v2
+    (node.repo / "metadata" / "timestamp.json").write_bytes(old)
+    before = node.grubenv.read_bytes()
+    done = node.run("install")
+    assert done.returncode == 3, done.stderr
+    assert "timestamp" in done.stderr
+    assert node.grubenv.read_bytes() == before  # refused before touching the bootloader
+
+
+def test_json_progress_and_daemon_once(node: Node) -> None:
+    done = node.run("install", "--no-reboot")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"] == 3 * MiB + 2 * 4096
+    assert events[-1]["event"] == "result" and events[-1]["version"] == "2.0.0"
+
+    # The daemon finds nothing newer than what is pending, and exits after one round.
+    node.grub_boots("B")
+    node.ok("health-check", booted="B")
+    add_release(node.repo, [ImageSpec(node.images["1.0.0"], "2.1.0")])
+    publish(node.repo)
+    daemon = node.run("daemon", "--once", booted="B")
+    assert daemon.returncode == 0, daemon.stderr
+    assert "installed 2.1.0 into slot A" in daemon.stderr
+    env = node.env()
+    assert (env["ORDER"], env["A_OK"], env["A_TRY"]) == ("A B", "1", "0")
+    assert node.holds("A", "1.0.0")  # 2.1.0 carries the 1.0.0 image bytes
