@@ -1,0 +1,43 @@
+"""Fixtures of the end-to-end tests: cached node images and a fresh node per test.
+
+Building the first time takes minutes (debootstrap); later sessions reuse the cache
+(.cache/e2e, or $AB_E2E_CACHE) unless the builder, the package list or the project
+source changed. Missing tools are a failure, never a skip: `make test` installs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.e2e.node import Node, build_release, default_cache_dir, make_node
+from tests.e2e.node.disk import OVMF_CODE, OVMF_VARS
+
+TOOLS = (
+    "debootstrap", "qemu-system-x86_64", "mkfs.ext4", "tune2fs", "mkfs.vfat", "mcopy",
+    "mmd", "grub-mkstandalone", "grub-editenv", "sfdisk",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def e2e_cache() -> Path:
+    for tool in TOOLS:
+        require_tool(tool)
+    for firmware in (OVMF_CODE, OVMF_VARS, Path("/usr/lib/grub/x86_64-efi/normal.mod")):
+        if not firmware.exists():
+            pytest.fail(f"{firmware} is missing; run `make test`, which installs it")
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def release_v1(e2e_cache: Path) -> Path:
+    """The ext4 image of release 1 (healthy), labelled for slot A."""
+    return build_release(1, cache=e2e_cache)
+
+
+@pytest.fixture
+def node(tmp_path: Path, e2e_cache: Path, release_v1: Path) -> Node:
+    """A fresh node: release 1 in slot A, slot B empty, grubenv ORDER="A B" A_OK=1."""
+    return make_node(tmp_path / "node", release_v1, cache=e2e_cache)
