@@ -334,6 +334,15 @@ class Repository:
         # accessor for "all targets" (python-tuf lists by path only).
         return self._updater._trusted_set
 
+    def trusted_set(self) -> TrustedMetadataSet:
+        """ngclient's verified metadata of the last refresh (refreshes first if needed).
+
+        For readers that must know exactly which versions were verified (the mirror
+        copies the verified bytes ngclient persisted in `cache_dir`)."""
+        if not self._refreshed:
+            self.refresh()
+        return self._trusted()
+
     def targets(self) -> dict[str, TargetFile]:
         """Every target of the verified top-level targets role and its delegations.
 
