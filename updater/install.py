@@ -14,8 +14,9 @@ Invariants:
   repository verifies length and hashes at the end); success is only returned after the
   iterator ended, the raw length and sha256 matched, the data was fsync'd, and the range
   read back from the device (page cache dropped first) hashed to `raw_sha256`.
-- Memory is bounded by one write block (`BLOCK_SIZE`) plus one input chunk and the
-  decoder's window, whatever the image size.
+- Memory is bounded by three blocks (`BLOCK_SIZE`, in flight between the decompressing
+  thread and the hashing/writing thread), one input chunk and the decoder's window,
+  whatever the image size.
 """
 
 from __future__ import annotations
@@ -166,8 +167,11 @@ def _open_for_writing(guard: SlotGuard, target: PartitionTarget) -> int:
     before = _stat(target.path)
     guard.check(target, before)
     flags = os.O_WRONLY | os.O_CLOEXEC
-    if stat.S_ISBLK(before.st_mode):
-        flags |= os.O_EXCL  # a block device that is mounted or claimed is refused: EBUSY
+    if stat.S_ISBLK(before.st_mode) and target.offset == 0:
+        # A partition node that is mounted or otherwise claimed is refused (EBUSY). Not
+        # for a whole disk written at an offset: the booted slot's mounted partitions
+        # claim the whole disk too, and the guard has already checked the range.
+        flags |= os.O_EXCL
     try:
         fd = os.open(target.path, flags)
     except OSError as err:

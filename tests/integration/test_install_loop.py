@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import run_tool
 from updater.errors import SlotGuardError
-from updater.install import SlotGuard, read_back_verify, write_image
+from updater.install import SlotGuard, WriteFailed, read_back_verify, write_image
 from updater.slots import PartitionTarget
 
 pytestmark = pytest.mark.root
@@ -172,3 +172,39 @@ def test_booted_partition_node_cannot_be_written(loop_disk: LoopDisk) -> None:
     with loop_disk.image.open("rb") as f:
         f.seek(a_offset)
         assert f.read(a_size) == bytes(a_size)
+
+
+def test_whole_disk_offset_write_while_booted_partition_is_claimed(loop_disk: LoopDisk) -> None:
+    """On a node the booted root is mounted, which claims the whole disk as well; writing
+    slot B through the whole disk at its offset must still work, and a claimed partition
+    node must be refused."""
+    booted_node = loop_disk.parts[2][0]
+    held = os.open(booted_node, os.O_RDONLY | os.O_EXCL)  # what a mount does
+    try:
+        guard = SlotGuard([_node_target(loop_disk, "A", 2)])
+        image = b"slot B through the whole disk " * 40_000
+        digest = hashlib.sha256(image).hexdigest()
+        target = _offset_target(loop_disk, loop_disk.device, "B", 3)
+        write_image(
+            iter([image]),
+            target,
+            compression="none",
+            raw_length=len(image),
+            raw_sha256=digest,
+            guard=guard,
+        )
+        read_back_verify(_node_target(loop_disk, "B", 3), len(image), digest)
+        # A claimed partition node is refused by the kernel (O_EXCL), even if a wrong
+        # configuration made the guard accept it (here: a guard for another slot A).
+        other_guard = SlotGuard([_node_target(loop_disk, "A", 1)])
+        with pytest.raises(WriteFailed, match=r"cannot open .* for writing: Device or resource"):
+            write_image(
+                iter([image]),
+                PartitionTarget("B", "root", "root-a", booted_node, 0, 16 * MiB),
+                compression="none",
+                raw_length=len(image),
+                raw_sha256=digest,
+                guard=other_guard,
+            )
+    finally:
+        os.close(held)
