@@ -176,14 +176,15 @@ class SyncResult:
         return dict(self.__dict__)
 
 
-def _fetch_object(repo: Repository, store: MirrorDir, wanted: Wanted) -> int:
+def _fetch_object(repo: Repository, store: MirrorDir, wanted: Wanted, retries: int,
+                  backoff: float) -> int:
     """Stream one target into the object store; returns bytes written."""
     sha = sha256_of(wanted.target)
     fd, tmp = tempfile.mkstemp(dir=store.partial, prefix=f"{sha}.")
     written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in repo.stream_target(wanted.target):
+            for chunk in repo.stream_target(wanted.target, retries=retries, backoff=backoff):
                 f.write(chunk)
                 written += len(chunk)
             f.flush()
@@ -208,8 +209,14 @@ def sync(
     keep: int | None = None,
     repository: Repository | None = None,
     now: dt.datetime | None = None,
+    retries: int = 5,
+    backoff: float = 0.5,
 ) -> SyncResult:
-    """Refresh upstream, fetch what is new, publish a new state atomically."""
+    """Refresh upstream, fetch what is new, publish a new state atomically.
+
+    `retries`/`backoff` are `stream_target`'s in-process resume budget per image."""
+    if keep is not None and keep < 1:
+        raise ConfigError(f"--keep {keep}: must be at least 1")
     store = MirrorDir(directory)
     store.create()
     with store.locked():
@@ -231,7 +238,7 @@ def sync(
             if obj.exists() and obj.stat().st_size == wanted.target.length:
                 result.reused.append(wanted.path)
             else:
-                result.bytes_downloaded += _fetch_object(repo, store, wanted)
+                result.bytes_downloaded += _fetch_object(repo, store, wanted, retries, backoff)
                 result.downloaded.append(wanted.path)
             links[wanted.url_path()] = sha
         rels = _release_rows(plan)
