@@ -2,7 +2,7 @@
 
     python -m tests.e2e.node build [--version 2] [--health fail] [--panic] [--label root_b]
     python -m tests.e2e.node boot WORKDIR [--version 1] [--updates-dir DIR] [--command CMD]...
-    python -m tests.e2e.node clean
+    python -m tests.e2e.node clean [--all]
 """
 
 from __future__ import annotations
@@ -80,10 +80,12 @@ def boot_cmd(
 
 
 @cli.command()
+@click.option("--all", "everything", is_flag=True, help="Also the debootstrap layer.")
 @click.pass_obj
-def clean(cache: Path) -> None:
-    """Delete every cached artefact."""
-    for path in clean_cache(cache):
+def clean(cache: Path, everything: bool) -> None:
+    """Delete the cached artefacts (keeping debootstrap's output unless --all)."""
+    keep = [] if everything else list(cache.glob("debootstrap-*"))
+    for path in clean_cache(cache, keep=keep):
         click.echo(f"removed {path}")
 
 

@@ -8,8 +8,10 @@ Invariants kept here:
   renamed into place, so an interrupted build leaves nothing that looks finished;
 * one builder per entry at a time (an flock per kind), so parallel test sessions
   wait for each other instead of building twice;
-* a changed input changes the key, so a stale entry is never reused; old entries
-  are not deleted automatically (`python -m tests.e2e.node clean` does).
+* a changed input changes the key, so a stale entry is never reused; each use
+  touches the entry, and after a build the entries of that kind beyond the
+  `KEEP` most recently used, and unused for `KEEP_SECONDS`, are deleted (the
+  project source changes all day; `python -m tests.e2e.node clean` deletes all).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import fcntl
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
 COMPLETE = ".complete"
+KEEP = 3
+KEEP_SECONDS = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -70,10 +75,12 @@ def cached(cache: Path, key: Key, build: Callable[[Path], None]) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / f"{key.kind}-{key.hexdigest()}"
     if (final / COMPLETE).exists():
+        (final / COMPLETE).touch()
         return final
     with (cache / f".{key.kind}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / COMPLETE).exists():
+            (final / COMPLETE).touch()
             return final
         tmp = cache / f".{final.name}.partial"
         if tmp.exists():
@@ -84,7 +91,23 @@ def cached(cache: Path, key: Key, build: Callable[[Path], None]) -> Path:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _prune(cache, key.kind)
     return final
+
+
+def _prune(cache: Path, kind: str) -> None:
+    """Delete old entries of `kind` (called with the kind's lock held)."""
+    entries = []
+    for entry in cache.glob(f"{kind}-*"):
+        try:
+            entries.append(((entry / COMPLETE).stat().st_mtime, entry))
+        except FileNotFoundError:
+            continue
+    entries.sort(reverse=True)
+    now = time.time()
+    for used, entry in entries[KEEP:]:
+        if now - used > KEEP_SECONDS:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def clean(cache: Path, keep: Iterable[Path] = ()) -> list[Path]:

@@ -42,6 +42,8 @@ TRIM = (
     "var/lib/apt/lists",
     "var/cache/debconf",
     "var/log",
+    "usr/lib/udev/hwdb.d",  # no udevd runs on the node; its hardware database is unused
+    "usr/lib/x86_64-linux-gnu/gconv",  # glibc iconv modules: python has its own codecs
 )
 WHEEL_TAGS = (
     "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
@@ -93,6 +95,7 @@ def _trim(root: Path) -> None:
     for rel in TRIM:
         shutil.rmtree(root / rel, ignore_errors=True)
         (root / rel).mkdir(parents=True)
+    (root / "usr/lib/udev/hwdb.bin").unlink(missing_ok=True)
     for rel in ("boot/efi", "var/lib/updater", "mnt/updates", "etc/e2e", "etc/updater"):
         (root / rel).mkdir(parents=True, exist_ok=True)
     _keep_kernel(root)
