@@ -171,7 +171,7 @@ def test_rolled_back_timestamp_is_refused(upstream: Upstream, tmp_path: Path) ->
     do_sync(upstream, mdir)
     before = served(mdir)
     upstream.server.files["/metadata/timestamp.json"] = old_timestamp
-    with pytest.raises(MetadataRejected, match="timestamp.json rejected: BadVersionNumber"):
+    with pytest.raises(MetadataRejected, match=r"timestamp\.json rejected: BadVersionNumber"):
         do_sync(upstream, mdir)
     assert served(mdir) == before
 
