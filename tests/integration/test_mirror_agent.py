@@ -196,7 +196,7 @@ def test_agent_installs_from_an_exported_tree(node: Node, tmp_path: Path) -> Non
 class PausingFetcher(RequestsFetcher):
     """Runs `hook` once, right after the first fetch of a URL ending with `suffix`."""
 
-    def __init__(self, suffix: str, hook: Callable[[], None]) -> None:
+    def __init__(self, suffix: str, hook: Callable[[], object]) -> None:
         super().__init__()
         self.suffix, self.hook, self.fired = suffix, hook, False
 
