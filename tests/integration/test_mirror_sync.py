@@ -266,3 +266,24 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--keep 0" in done.stderr and done.stderr.count("\n") == 1
     done = cli("serve", str(tmp_path / "m"), "--bind", "nonsense")
     assert done.returncode == 2 and "--bind 'nonsense'" in done.stderr
+
+
+def test_sync_from_a_usb_disk_carried_in(upstream: Upstream, tmp_path: Path) -> None:
+    """A site mirror filled over file:// from another mirror's export, verified the same."""
+    outer = tmp_path / "outer"
+    do_sync(upstream, outer)
+    usb = tmp_path / "usb"
+    mirror.export(outer, usb)
+    inner = tmp_path / "inner"
+    result = mirror.sync(f"file://{usb}/metadata", f"file://{usb}/targets", inner, ROOT_JSON)
+    assert len(result.downloaded) == 1
+    assert served(inner)["metadata/timestamp.json"] == served(outer)["metadata/timestamp.json"]
+    # A tampered image on the disk is refused like a tampered download.
+    (image,) = (usb / "targets").rglob("*.zst")
+    data = bytearray(image.read_bytes())
+    data[-1] ^= 0xFF
+    image.write_bytes(bytes(data))
+    with pytest.raises(TargetRejected, match="mismatch"):
+        mirror.sync(f"file://{usb}/metadata", f"file://{usb}/targets", tmp_path / "third",
+                    ROOT_JSON)
+    assert not (tmp_path / "third" / "current").exists()
