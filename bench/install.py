@@ -4,7 +4,8 @@
 
 Builds an N MiB raw image (deterministic mix of random, text and zero blocks), signs it
 into a TUF repository with the real signing library (zstd, via tests/signing_helpers),
-serves the repository with an HTTP server on 127.0.0.1, and installs it into slot B of
+serves the repository with an HTTP server on 127.0.0.1 (http.server with sendfile; the
+fault-injecting tests/httpserver.py holds whole files in memory), and installs it into slot B of
 a sparse disk image exactly as the agent does: `Repository.refresh`, `release.releases`,
 `stream_target` -> `install.write_image` (decompress, hash, write, fsync, read back).
 The install runs in a child process that does nothing else, so its peak RSS
@@ -97,8 +98,15 @@ def build_repository(work: Path, raw: Path) -> Path:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """The stdlib file server, sending bodies with sendfile(2) as nginx or a CDN would,
+    so the server's own copying does not eat the CPU the install is measured on."""
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        outputfile.flush()
+        self.connection.sendfile(source)
 
 
 def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:

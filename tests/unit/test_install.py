@@ -12,6 +12,7 @@ import itertools
 import lzma
 import os
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +131,41 @@ def test_each_compression_is_written_and_verified(
     assert calls[0] == (0, len(IMAGE))
     assert calls[-1] == (len(IMAGE), len(IMAGE))
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_failure_after_several_blocks_stops_the_threads(
+    disk: Path, guard: SlotGuard, compression: str
+) -> None:
+    """A stream failing after blocks went through the writer thread: the error
+    propagates and no hashing/writing thread is left behind."""
+    image = make_image(3 * BLOCK_SIZE + 777, seed=3)
+    data = compress(image, compression)
+
+    def failing() -> Iterator[bytes]:
+        yield data[: len(data) * 3 // 4]
+        raise UpdateRejected("connection dropped for good")
+
+    with pytest.raises(UpdateRejected, match="dropped for good"):
+        write_image(
+            failing(),
+            slot("B", disk, B_OFFSET),
+            compression=compression,
+            raw_length=len(image),
+            raw_sha256=sha(image),
+            guard=guard,
+        )
+    assert not [t for t in threading.enumerate() if t.name.startswith("image-")]
+    # The next install into the same slot works.
+    write_image(
+        chunked(data, 100_003),
+        slot("B", disk, B_OFFSET),
+        compression=compression,
+        raw_length=len(image),
+        raw_sha256=sha(image),
+        guard=guard,
+    )
+    assert read_range(disk, B_OFFSET, len(image)) == image
 
 
 SMALL = make_image(200_000, seed=9)
