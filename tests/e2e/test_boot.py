@@ -7,6 +7,7 @@ grub-editenv), never from what the builder was asked to do.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -28,14 +29,15 @@ def _slot_a_device(node: Node) -> str:
 
 
 def test_v1_boots_from_slot_a_and_the_agent_commits_it(node: Node, tmp_path: Path) -> None:
-    updates = make_updates_disk(None, tmp_path / "updates.img", commands=(IMPORT_CHECK,))
+    commands = (IMPORT_CHECK, "updater --json status")
+    updates = make_updates_disk(None, tmp_path / "updates.img", commands=commands)
     result = boot(node, updates_disk=updates, timeout=240)
     print(f"boot took {result.seconds:.1f}s; console: {result.log_path}")
     log = result.serial_log
 
     assert "ab-updater: booting slot A (ORDER=A B)" in log  # GRUB's own decision
     assert result.booted == {
-        "slot": "A", "version": "1", "root": _slot_a_device(node),
+        "slot": "A", "version": "1.0.0", "root": _slot_a_device(node),
         "uptime": result.booted.get("uptime", "?"),
     }  # fmt: skip
     cmdline = result.fields("cmdline")
@@ -47,8 +49,16 @@ def test_v1_boots_from_slot_a_and_the_agent_commits_it(node: Node, tmp_path: Pat
     assert result.exit_status(IMPORT_CHECK) == 0, log
     assert "E2E-IMPORTS /usr/lib/ab-updater/updater/__init__.py" in log
     assert result.exit_status("updater health-check") == 0, log
-    assert "E2E: health-check pass version=1" in log  # the release's own check ran
+    assert "E2E: health-check pass version=1.0.0" in log  # the release's own check ran
     assert result.exit_reason == "poweroff"
+
+    # The agent, after its commit, sees the image's version and slot A as good.
+    assert result.exit_status("updater --json status") == 0, log
+    (line,) = [x for x in log.splitlines() if x.startswith('{"booted_slot"')]
+    status = json.loads(line)
+    assert (status["booted_slot"], status["primary_slot"]) == ("A", "A")
+    assert status["slots"]["A"]["state"] == "good"
+    assert status["slots"]["A"]["version"] == "1.0.0"
 
     # The agent's commit, as GRUB will read it on the next boot.
     env = node.read_grubenv()
@@ -84,7 +94,7 @@ def test_a_release_built_to_panic_panics_and_the_runner_says_so(
     print(f"panic release built in {time.monotonic() - start:.1f}s")
     node = make_node(tmp_path / "node", broken, cache=e2e_cache)
     result = boot(node, timeout=240)
-    assert "E2E: broken init version=1" in result.serial_log
+    assert "E2E: broken init version=1.0.0" in result.serial_log
     assert "Kernel panic - not syncing" in result.serial_log
     assert result.exit_reason == "panic"
     assert result.booted == {}

@@ -23,6 +23,11 @@ from tests.e2e.node import (
 from tests.e2e.node.cache import clean as clean_cache
 
 
+def _version(text: str) -> int | str:
+    """`2` on the command line means release 2.0.0, as in the Python API."""
+    return int(text) if text.isdigit() else text
+
+
 @click.group()
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Cache directory (default: $AB_E2E_CACHE or .cache/e2e).")  # fmt: skip
@@ -41,11 +46,11 @@ def cli(ctx: click.Context, cache: Path | None) -> None:
 def build(cache: Path, version: str, health: str, panic: bool, label: str) -> None:
     """Build (or find cached) a release image and, for root_a, the node template disk."""
     start = time.monotonic()
-    image = build_release(version, cache=cache, label=label, health=health,  # type: ignore[arg-type]
+    image = build_release(_version(version), cache=cache, label=label, health=health,  # type: ignore[arg-type]
                           panic=panic)  # fmt: skip
     click.echo(f"release image: {image}")
     if label == "root_a" and health == "pass" and not panic:
-        click.echo(f"node template: {build_node(cache, version=version)}")
+        click.echo(f"node template: {build_node(cache, version=_version(version))}")
     click.echo(f"took {time.monotonic() - start:.1f}s")
 
 
@@ -67,7 +72,7 @@ def boot_cmd(
     max_boots: int,
 ) -> None:
     """Make a fresh node in WORKDIR running VERSION in slot A and boot it."""
-    node = make_node(workdir, build_release(version, cache=cache), cache=cache)
+    node = make_node(workdir, build_release(_version(version), cache=cache), cache=cache)
     updates = None
     if updates_dir is not None or commands:
         updates = make_updates_disk(updates_dir, workdir / "updates.img", commands=commands)

@@ -74,6 +74,14 @@ BROKEN_INIT = (
 )
 
 
+def release_version(version: int | str) -> str:
+    """The agent's version string: 2 -> "2.0.0"; a string must be MAJOR.MINOR.PATCH[-PRE]."""
+    from updater.release import parse_version
+
+    text = f"{version}.0.0" if isinstance(version, int) else version
+    return parse_version(text).text
+
+
 def agent_config(*, hardware: str = HARDWARE, disk: str = NODE_DISK) -> str:
     """The node's /etc/updater/config.toml."""
     return CONFIG.format(hardware=hardware, disk=disk)
@@ -90,8 +98,12 @@ def build_release(
     trusted_root: Path = DEFAULT_TRUSTED_ROOT,
     config: str | None = None,
 ) -> Path:
-    """The ext4 image (a file) of release `version`, labelled `label`, built or cached."""
+    """The ext4 image (a file) of release `version`, labelled `label`, built or cached.
+
+    `version` 2 means "2.0.0"; it becomes IMAGE_VERSION and VERSION_ID in os-release.
+    """
     cache = cache or default_cache_dir()
+    version = release_version(version)
     config_text = agent_config() if config is None else config
     _validate_config(config_text)
     base = base_rootfs(cache)
@@ -154,6 +166,7 @@ def _configure(
     os_release = (
         'NAME="ab-updater e2e node"\nID=ab-updater-e2e\nID_LIKE=debian\n'
         f'VERSION="{version} (e2e)"\nVERSION_ID={version}\n'
+        f"IMAGE_ID=ab-updater-e2e\nIMAGE_VERSION={version}\n"
         f'PRETTY_NAME="ab-updater e2e node {version}"\n'
     )
     for rel in ("etc/os-release", "usr/lib/os-release"):
