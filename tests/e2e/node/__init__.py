@@ -18,7 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.e2e.node.cache import default_cache_dir
-from tests.e2e.node.disk import Node, make_node, make_updates_disk, node_template, partitions
+from tests.e2e.node.disk import (
+    Node,
+    make_node,
+    make_updates_disk,
+    node_template,
+    partitions,
+    write_image,
+)
 from tests.e2e.node.qemu import BootResult, boot, boot_until
 from tests.e2e.node.release import build_release, relabel
 
@@ -35,6 +42,7 @@ __all__ = [
     "node_template",
     "partitions",
     "relabel",
+    "write_image",
 ]
 
 

@@ -1,8 +1,8 @@
 """`python -m tests.e2e.node`: build, boot and clean e2e nodes by hand.
 
-    python -m tests.e2e.node build [--version 2] [--health fail] [--panic] [--label root_b]
-    python -m tests.e2e.node boot WORKDIR [--version 1] [--updates-dir DIR] [--command CMD]...
-    python -m tests.e2e.node clean [--all]
+python -m tests.e2e.node build [--version 2] [--health fail] [--panic] [--label root_b]
+python -m tests.e2e.node boot WORKDIR [--version 1] [--updates-dir DIR] [--command CMD]...
+python -m tests.e2e.node clean [--all]
 """
 
 from __future__ import annotations

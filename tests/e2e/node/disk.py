@@ -194,9 +194,7 @@ def make_node(workdir: Path, slot_a: Path, *, cache: Path | None = None) -> Node
     return Node(workdir=workdir, disk=disk, ovmf_vars=ovmf_vars)
 
 
-def make_updates_disk(
-    repo_dir: Path | None, out: Path, *, commands: tuple[str, ...] = ()
-) -> Path:
+def make_updates_disk(repo_dir: Path | None, out: Path, *, commands: tuple[str, ...] = ()) -> Path:
     """An ext4 image labelled UPDATES: `repo_dir`'s files plus e2e/commands for init.
 
     The way a USB stick reaches an air-gapped node: the guest has no network, the
