@@ -70,17 +70,24 @@ def _secrets(passphrase_file: Path | None) -> Secrets:
 
 def passphrase_option(f: F) -> F:
     return click.option(
-        "--passphrase-file", type=PathArg,
+        "--passphrase-file",
+        type=PathArg,
         help=f"File whose first line is the key passphrase (else ${PASSPHRASE_ENV}, "
-             "else a prompt on a terminal).",
+        "else a prompt on a terminal).",
     )(f)
 
 
 def sign_with_option(
     required: bool = True, help: str = "Private key file or URI."
 ) -> Callable[[F], F]:
-    return click.option("--sign-with", "sign_with", multiple=True, required=required,
-                        metavar="KEY", help=help + " Repeat for more signatures.")
+    return click.option(
+        "--sign-with",
+        "sign_with",
+        multiple=True,
+        required=required,
+        metavar="KEY",
+        help=help + " Repeat for more signatures.",
+    )
 
 
 def _parse_expires(values: Sequence[str], allowed: Sequence[str]) -> dict[str, int]:
@@ -107,8 +114,9 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("path", type=PathArg)
-@click.option("--type", "key_type", type=click.Choice(KEY_TYPES), default="ed25519",
-              show_default=True)
+@click.option(
+    "--type", "key_type", type=click.Choice(KEY_TYPES), default="ed25519", show_default=True
+)
 @click.option("--no-passphrase", is_flag=True, help="Store the private key unencrypted.")
 @passphrase_option
 def keygen(path: Path, key_type: str, no_passphrase: bool, passphrase_file: Path | None) -> None:
@@ -123,11 +131,14 @@ def keygen(path: Path, key_type: str, no_passphrase: bool, passphrase_file: Path
     elif (env := os.environ.get(PASSPHRASE_ENV)) is not None:
         passphrase = env.encode()
     elif sys.stdin.isatty():
-        passphrase = str(click.prompt(f"New passphrase for {path}", hide_input=True,
-                                      confirmation_prompt=True)).encode()
+        passphrase = str(
+            click.prompt(f"New passphrase for {path}", hide_input=True, confirmation_prompt=True)
+        ).encode()
     else:
-        raise SigningError(f"no passphrase for {path}: give --passphrase-file, set "
-                           f"{PASSPHRASE_ENV}, or --no-passphrase")
+        raise SigningError(
+            f"no passphrase for {path}: give --passphrase-file, set "
+            f"{PASSPHRASE_ENV}, or --no-passphrase"
+        )
     key = generate_key(path, key_type, passphrase)
     click.echo(f"{path}: {key.keytype}/{key.scheme} keyid {key.keyid}")
 
@@ -146,23 +157,39 @@ def pubkey(uri: str, out: Path) -> None:
 
 @cli.command()
 @click.argument("repo", type=PathArg)
-@click.option("--from-root", type=PathArg, metavar="ROOT.json",
-              help="Use this signed root v1 instead of the key options below.")
+@click.option(
+    "--from-root",
+    type=PathArg,
+    metavar="ROOT.json",
+    help="Use this signed root v1 instead of the key options below.",
+)
 @click.option("--root-key", multiple=True, type=PathArg, metavar="PUB")
 @click.option("--root-threshold", type=int, default=1, show_default=True)
 @click.option("--targets-key", multiple=True, type=PathArg, metavar="PUB")
 @click.option("--targets-threshold", type=int, default=1, show_default=True)
 @click.option("--snapshot-key", multiple=True, type=PathArg, metavar="PUB")
 @click.option("--timestamp-key", multiple=True, type=PathArg, metavar="PUB")
-@click.option("--expires", multiple=True, metavar="ROLE=DAYS",
-              help="Expiry in days (defaults: root 365, targets 90, snapshot 7, timestamp 1).")
+@click.option(
+    "--expires",
+    multiple=True,
+    metavar="ROLE=DAYS",
+    help="Expiry in days (defaults: root 365, targets 90, snapshot 7, timestamp 1).",
+)
 @sign_with_option(required=False, help="Root private key file or URI.")
 @passphrase_option
-def init(repo: Path, from_root: Path | None, root_key: tuple[Path, ...], root_threshold: int,
-         targets_key: tuple[Path, ...], targets_threshold: int,
-         snapshot_key: tuple[Path, ...], timestamp_key: tuple[Path, ...],
-         expires: tuple[str, ...], sign_with: tuple[str, ...],
-         passphrase_file: Path | None) -> None:
+def init(
+    repo: Path,
+    from_root: Path | None,
+    root_key: tuple[Path, ...],
+    root_threshold: int,
+    targets_key: tuple[Path, ...],
+    targets_threshold: int,
+    snapshot_key: tuple[Path, ...],
+    timestamp_key: tuple[Path, ...],
+    expires: tuple[str, ...],
+    sign_with: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
     """Create a repository with staged root v1 and empty targets v1."""
     if from_root is not None:
         if root_key or targets_key or snapshot_key or timestamp_key or sign_with:
@@ -170,15 +197,24 @@ def init(repo: Path, from_root: Path | None, root_key: tuple[Path, ...], root_th
         create.init_from_root(repo, from_root, expires=_parse_expires(expires, ROLES))
         click.echo(f"{repo}: initialised from {from_root}; add releases, then publish")
         return
-    for name, given in (("--root-key", root_key), ("--targets-key", targets_key),
-                        ("--snapshot-key", snapshot_key), ("--timestamp-key", timestamp_key)):
+    for name, given in (
+        ("--root-key", root_key),
+        ("--targets-key", targets_key),
+        ("--snapshot-key", snapshot_key),
+        ("--timestamp-key", timestamp_key),
+    ):
         if not given:
             raise SigningError(f"init needs {name} (or --from-root)")
     create.init_repository(
-        repo, root_keys=_public_keys(root_key), targets_keys=_public_keys(targets_key),
-        snapshot_keys=_public_keys(snapshot_key), timestamp_keys=_public_keys(timestamp_key),
-        sign_with=sign_with, root_threshold=root_threshold,
-        targets_threshold=targets_threshold, expires=_parse_expires(expires, ROLES),
+        repo,
+        root_keys=_public_keys(root_key),
+        targets_keys=_public_keys(targets_key),
+        snapshot_keys=_public_keys(snapshot_key),
+        timestamp_keys=_public_keys(timestamp_key),
+        sign_with=sign_with,
+        root_threshold=root_threshold,
+        targets_threshold=targets_threshold,
+        expires=_parse_expires(expires, ROLES),
         secrets=_secrets(passphrase_file),
     )
     click.echo(f"{repo}: initialised; add releases, then publish")
@@ -191,18 +227,29 @@ def init(repo: Path, from_root: Path | None, root_key: tuple[Path, ...], root_th
 @click.option("--hardware", multiple=True, required=True, help="Hardware name; repeatable.")
 @click.option("--role", default="root", show_default=True, help="Slot partition it goes to.")
 @click.option("--channel", default="stable", show_default=True)
-@click.option("--compress", "compression", type=click.Choice(COMPRESSIONS), default="zstd",
-              show_default=True)
+@click.option(
+    "--compress", "compression", type=click.Choice(COMPRESSIONS), default="zstd", show_default=True
+)
 @click.option("--expires", "expires_days", type=int, help="Targets expiry in days (90).")
 @sign_with_option(help="Targets private key file or URI.")
 @passphrase_option
-def add(repo: Path, image: Path, version: str, hardware: tuple[str, ...], role: str,
-        channel: str, compression: str, expires_days: int | None, sign_with: tuple[str, ...],
-        passphrase_file: Path | None) -> None:
+def add(
+    repo: Path,
+    image: Path,
+    version: str,
+    hardware: tuple[str, ...],
+    role: str,
+    channel: str,
+    compression: str,
+    expires_days: int | None,
+    sign_with: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
     """Compress IMAGE into REPO and stage it in targets, signed."""
     release = repo_ops.Release(image, version, hardware, role, channel, compression)
-    files = repo_ops.add_release(repo, release, sign_with, expires_days=expires_days,
-                                 secrets=_secrets(passphrase_file))
+    files = repo_ops.add_release(
+        repo, release, sign_with, expires_days=expires_days, secrets=_secrets(passphrase_file)
+    )
     for tf in files:
         click.echo(f"staged {tf.path} ({tf.length} bytes, sha256 {tf.hashes['sha256']})")
 
@@ -210,32 +257,54 @@ def add(repo: Path, image: Path, version: str, hardware: tuple[str, ...], role: 
 @cli.command()
 @click.argument("repo", type=PathArg)
 @click.argument("role", metavar="ROLE")
-@click.option("--expires", "expires_days", type=int,
-              help="Start a new version with this expiry in days (drops signatures).")
+@click.option(
+    "--expires",
+    "expires_days",
+    type=int,
+    help="Start a new version with this expiry in days (drops signatures).",
+)
 @sign_with_option()
 @passphrase_option
-def sign(repo: Path, role: str, expires_days: int | None, sign_with: tuple[str, ...],
-         passphrase_file: Path | None) -> None:
+def sign(
+    repo: Path,
+    role: str,
+    expires_days: int | None,
+    sign_with: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
     """Add signatures to the staged ROLE (threshold signing)."""
-    t = repo_ops.sign_role(repo, role, sign_with, expires_days=expires_days,
-                           secrets=_secrets(passphrase_file))
-    click.echo(f"{role}: {len(t.signed)} of {t.threshold} signatures"
-               + (f", {t.missing} more needed" if t.missing else ", ready to publish"))
+    t = repo_ops.sign_role(
+        repo, role, sign_with, expires_days=expires_days, secrets=_secrets(passphrase_file)
+    )
+    click.echo(
+        f"{role}: {len(t.signed)} of {t.threshold} signatures"
+        + (f", {t.missing} more needed" if t.missing else ", ready to publish")
+    )
 
 
 @cli.command()
 @click.argument("repo", type=PathArg)
 @click.option("--snapshot-key", multiple=True, required=True, metavar="KEY")
 @click.option("--timestamp-key", multiple=True, required=True, metavar="KEY")
-@click.option("--expires", multiple=True, metavar="ROLE=DAYS",
-              help="snapshot=DAYS, timestamp=DAYS.")
+@click.option(
+    "--expires", multiple=True, metavar="ROLE=DAYS", help="snapshot=DAYS, timestamp=DAYS."
+)
 @passphrase_option
-def publish(repo: Path, snapshot_key: tuple[str, ...], timestamp_key: tuple[str, ...],
-            expires: tuple[str, ...], passphrase_file: Path | None) -> None:
+def publish(
+    repo: Path,
+    snapshot_key: tuple[str, ...],
+    timestamp_key: tuple[str, ...],
+    expires: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
     """Publish staged roles with a new snapshot and timestamp."""
-    result = repo_ops.publish(repo, snapshot_key, timestamp_key,
-                              expires=_parse_expires(expires, ("snapshot", "timestamp")),
-                              secrets=_secrets(passphrase_file))
+    result = repo_ops.publish(
+        repo,
+        snapshot_key,
+        timestamp_key,
+        expires=_parse_expires(expires, ("snapshot", "timestamp")),
+        secrets=_secrets(passphrase_file),
+    )
     click.echo("published " + ", ".join(f"{r} v{v}" for r, v in result.versions.items()))
 
 
@@ -244,12 +313,19 @@ def publish(repo: Path, snapshot_key: tuple[str, ...], timestamp_key: tuple[str,
 @click.option("--timestamp-key", multiple=True, required=True, metavar="KEY")
 @click.option("--expires", multiple=True, metavar="timestamp=DAYS")
 @passphrase_option
-def timestamp(repo: Path, timestamp_key: tuple[str, ...], expires: tuple[str, ...],
-              passphrase_file: Path | None) -> None:
+def timestamp(
+    repo: Path,
+    timestamp_key: tuple[str, ...],
+    expires: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
     """Re-sign timestamp.json (online key only), e.g. from cron."""
-    version = repo_ops.refresh_timestamp(repo, timestamp_key,
-                                         expires=_parse_expires(expires, ("timestamp",)),
-                                         secrets=_secrets(passphrase_file))
+    version = repo_ops.refresh_timestamp(
+        repo,
+        timestamp_key,
+        expires=_parse_expires(expires, ("timestamp",)),
+        secrets=_secrets(passphrase_file),
+    )
     click.echo(f"published timestamp v{version}")
 
 
@@ -257,22 +333,42 @@ def timestamp(repo: Path, timestamp_key: tuple[str, ...], expires: tuple[str, ..
 @click.argument("repo", type=PathArg)
 @click.argument("role", type=click.Choice(ROLES))
 @click.option("--add-key", multiple=True, type=PathArg, metavar="PUB")
-@click.option("--remove-key", multiple=True, metavar="KEYID|PUB",
-              help="Keyid (or unique prefix of 8+ characters) or .pub file.")
+@click.option(
+    "--remove-key",
+    multiple=True,
+    metavar="KEYID|PUB",
+    help="Keyid (or unique prefix of 8+ characters) or .pub file.",
+)
 @click.option("--threshold", type=int)
 @click.option("--expires", "expires_days", type=int, help="New root's expiry in days.")
 @sign_with_option(required=False, help="Root private key file or URI (old or new root).")
 @passphrase_option
-def rotate(repo: Path, role: str, add_key: tuple[Path, ...], remove_key: tuple[str, ...],
-           threshold: int | None, expires_days: int | None, sign_with: tuple[str, ...],
-           passphrase_file: Path | None) -> None:
+def rotate(
+    repo: Path,
+    role: str,
+    add_key: tuple[Path, ...],
+    remove_key: tuple[str, ...],
+    threshold: int | None,
+    expires_days: int | None,
+    sign_with: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
     """Stage a new root that changes ROLE's keys."""
     removed = [load_public_key(Path(k)).keyid if Path(k).is_file() else k for k in remove_key]
-    t = repo_ops.rotate(repo, role, add_keys=_public_keys(add_key), remove_keyids=removed,
-                        threshold=threshold, sign_with=sign_with, expires_days=expires_days,
-                        secrets=_secrets(passphrase_file))
-    click.echo(f"staged new root: {len(t.signed)} of {t.threshold} signatures from its keys"
-               + ("; targets staged, re-sign it with its new keys" if role == "targets" else ""))
+    t = repo_ops.rotate(
+        repo,
+        role,
+        add_keys=_public_keys(add_key),
+        remove_keyids=removed,
+        threshold=threshold,
+        sign_with=sign_with,
+        expires_days=expires_days,
+        secrets=_secrets(passphrase_file),
+    )
+    click.echo(
+        f"staged new root: {len(t.signed)} of {t.threshold} signatures from its keys"
+        + ("; targets staged, re-sign it with its new keys" if role == "targets" else "")
+    )
 
 
 @cli.command()
@@ -287,9 +383,11 @@ def verify(repo: Path, root_json: Path, as_json: bool) -> None:
     if as_json:
         echo_json({"ok": True, **report.__dict__, "targets": list(report.targets)})
         return
-    click.echo(f"OK: root v{report.root_version}, targets v{report.targets_version}, "
-               f"snapshot v{report.snapshot_version}, timestamp v{report.timestamp_version}; "
-               f"{len(report.targets)} targets, {report.bytes_verified} bytes verified")
+    click.echo(
+        f"OK: root v{report.root_version}, targets v{report.targets_version}, "
+        f"snapshot v{report.snapshot_version}, timestamp v{report.timestamp_version}; "
+        f"{len(report.targets)} targets, {report.bytes_verified} bytes verified"
+    )
 
 
 @cli.command()

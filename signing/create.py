@@ -17,10 +17,10 @@ from tuf.api.metadata import Metadata, Root, Targets  # type: ignore[attr-define
 from tuf.api.serialization import DeserializationError
 
 from signing.errors import RepositoryIOError, RepositoryStateError, SigningError, ThresholdError
-from signing.fsutil import atomic_write, makedirs_durable
 from signing.keys import Secrets
 from signing.roles import check_expires, check_threshold, load_signers, sign_all
 from signing.store import CONFIG_FILE, DEFAULT_EXPIRY_DAYS, ROLES, expiry, role_keys, to_bytes
+from updater.fsutil import atomic_write, makedirs_durable
 
 
 def init_repository(
@@ -44,11 +44,16 @@ def init_repository(
         raise RepositoryStateError(f"{path}: exists and is not an empty directory")
     if not path.parent.is_dir():
         raise RepositoryStateError(f"{path}: parent directory does not exist")
-    given = {"root": root_keys, "targets": targets_keys, "snapshot": snapshot_keys,
-             "timestamp": timestamp_keys}
+    given = {
+        "root": root_keys,
+        "targets": targets_keys,
+        "snapshot": snapshot_keys,
+        "timestamp": timestamp_keys,
+    }
     thresholds = {"root": root_threshold, "targets": targets_threshold}
-    root = Root(expires=expiry(expires.get("root", DEFAULT_EXPIRY_DAYS["root"])),
-                consistent_snapshot=True)
+    root = Root(
+        expires=expiry(expires.get("root", DEFAULT_EXPIRY_DAYS["root"])), consistent_snapshot=True
+    )
     for role, keys in given.items():
         check_threshold(keys, thresholds.get(role, 1), role)
         for key in keys:
@@ -62,8 +67,9 @@ def init_repository(
     _create(path, root_md, Metadata(Targets(expires=expiry(days))), expires)
 
 
-def _create(path: Path, root_md: Metadata[Root], targets_md: Metadata[Targets],
-            expires: Mapping[str, int]) -> None:
+def _create(
+    path: Path, root_md: Metadata[Root], targets_md: Metadata[Targets], expires: Mapping[str, int]
+) -> None:
     # Later versions take their default expiry from here (see Store.expiry_days).
     config = {"expires": dict(expires)}
     created = not path.exists()
@@ -79,8 +85,9 @@ def _create(path: Path, root_md: Metadata[Root], targets_md: Metadata[Targets],
         raise RepositoryIOError(f"{path}: cannot create repository: {e.strerror}") from e
 
 
-def init_from_root(path: Path, root_json: Path, *, expires: Mapping[str, int] | None = None
-                   ) -> None:
+def init_from_root(
+    path: Path, root_json: Path, *, expires: Mapping[str, int] | None = None
+) -> None:
     """Create a repository around an existing root v1 (e.g. from a key ceremony, or
     keys-example/root.json): it must be signed to its own threshold."""
     expires = dict(expires or {})
@@ -96,7 +103,8 @@ def init_from_root(path: Path, root_json: Path, *, expires: Mapping[str, int] | 
     if root_md.signed.type != "root" or root_md.signed.version != 1:
         raise SigningError(f"root {root_json}: must be root metadata version 1")
     result = root_md.signed.get_root_verification_result(
-        None, root_md.signed_bytes, root_md.signatures)
+        None, root_md.signed_bytes, root_md.signatures
+    )
     if not result.verified:
         raise ThresholdError(f"root {root_json}: not signed to its own threshold")
     if not root_md.signed.consistent_snapshot:

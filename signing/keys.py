@@ -41,7 +41,7 @@ from securesystemslib.signer import (  # type: ignore[attr-defined]
 )
 
 from signing.errors import KeyFileError
-from signing.fsutil import atomic_write
+from updater.fsutil import atomic_write
 
 KEY_TYPES = ("ed25519", "ecdsa-p256", "rsa-3072")
 PASSPHRASE_ENV = "SIGN_RELEASE_PASSPHRASE"
@@ -60,9 +60,7 @@ _URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*):")
 def _scheme_for(private: PrivateKeyTypes) -> str:
     if isinstance(private, ed25519.Ed25519PrivateKey):
         return "ed25519"
-    if isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(
-        private.curve, ec.SECP256R1
-    ):
+    if isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP256R1):
         return "ecdsa-sha2-nistp256"
     if isinstance(private, rsa.RSAPrivateKey):
         return "rsassa-pss-sha256"
@@ -203,9 +201,7 @@ def load_signer(
     private = load_private_key_file(Path(spec), passphrases)
     keyid = SSlibKey.from_crypto(private.public_key(), scheme=_scheme_for(private)).keyid
     if keyid not in candidates:
-        raise KeyFileError(
-            f"private key {spec} (keyid {keyid[:16]}) is not a key of role {role}"
-        )
+        raise KeyFileError(f"private key {spec} (keyid {keyid[:16]}) is not a key of role {role}")
     # Use the role's own Key object, so keyid and scheme are what verifiers expect.
     return CryptoSigner(private, _as_sslib(candidates[keyid], spec))
 
@@ -216,9 +212,7 @@ def _as_sslib(key: Key, spec: str) -> SSlibKey:
     return key
 
 
-def _load_uri_signer(
-    uri: str, candidates: Mapping[str, Key], role: str, pins: PinSource
-) -> Signer:
+def _load_uri_signer(uri: str, candidates: Mapping[str, Key], role: str, pins: PinSource) -> Signer:
     if uri.startswith("hsm:"):
         pub = hsm_public_key(uri, pins)
         if pub.keyid not in candidates:

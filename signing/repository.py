@@ -40,7 +40,6 @@ from signing.errors import (
     SigningError,
     ThresholdError,
 )
-from signing.fsutil import fsync_dir, makedirs_durable, temp_file
 from signing.keys import Secrets
 from signing.roles import (
     check_expires,
@@ -61,6 +60,7 @@ from signing.store import (
     threshold_of,
     to_bytes,
 )
+from updater.fsutil import fsync_dir, makedirs_durable, temp_file
 
 # Semantic versions (semver.org 2.0.0), e.g. 1.2.0, 1.2.0-rc.1, 1.2.0+build.5.
 _NUM = r"(?:0|[1-9][0-9]*)"
@@ -142,9 +142,11 @@ def add_release(
         for hw in release.hardware:
             for tpath, tf in targets.signed.targets.items():
                 info = (tf.custom or {}).get("release", {})
-                if (tpath == release.target_path(hw) or (
-                        info.get("version") == release.version and info.get("role") == release.role
-                        and hw in info.get("hardware", []))):
+                if tpath == release.target_path(hw) or (
+                    info.get("version") == release.version
+                    and info.get("role") == release.role
+                    and hw in info.get("hardware", [])
+                ):
                     where = "published" if tpath in published_paths else "staged"
                     raise RepositoryStateError(
                         f"version {release.version} of role {release.role} for hardware {hw} "
@@ -187,13 +189,20 @@ def _store_image(store: Store, release: Release, created: list[Path]) -> list[Ta
                     os.link(tmp, final)
                     created.append(final)
                     fsync_dir(final.parent)
-                custom = {"release": {
-                    "version": release.version, "hardware": [hw], "channel": release.channel,
-                    "role": release.role, "compression": release.compression,
-                    "raw_length": stored.raw_length, "raw_sha256": stored.raw_sha256,
-                }}
-                files.append(TargetFile(stored.length, {"sha256": stored.sha256}, tpath,
-                                        {"custom": custom}))
+                custom = {
+                    "release": {
+                        "version": release.version,
+                        "hardware": [hw],
+                        "channel": release.channel,
+                        "role": release.role,
+                        "compression": release.compression,
+                        "raw_length": stored.raw_length,
+                        "raw_sha256": stored.raw_sha256,
+                    }
+                }
+                files.append(
+                    TargetFile(stored.length, {"sha256": stored.sha256}, tpath, {"custom": custom})
+                )
             return files
     except OSError as e:
         raise RepositoryIOError(f"adding {release.image}: {e.strerror or e}") from e
@@ -223,8 +232,7 @@ def sign_role(
         md, _ = store.editable(role, expires_days)
         check_not_expired(md, f"staged {role}")
         root = md if role == "root" else store.current_root()
-        keys = root_signing_keys(store, root) if role == "root" else role_keys(
-            root.signed, role)
+        keys = root_signing_keys(store, root) if role == "root" else role_keys(root.signed, role)
         sign_all(md, load_signers(sign_with, keys, role, secrets))
         store.write_staged(md)
         return threshold_of(root.signed, role, md)
@@ -252,20 +260,25 @@ def publish(
         for role, md in (("root", root), ("targets", targets)):
             check_not_expired(md, role)
             require_threshold(store, root, role, md)
-        snap_signers = load_signers(snapshot_keys, role_keys(root.signed, "snapshot"),
-                                "snapshot", secrets)
-        ts_signers = load_signers(timestamp_keys, role_keys(root.signed, "timestamp"),
-                              "timestamp", secrets)
+        snap_signers = load_signers(
+            snapshot_keys, role_keys(root.signed, "snapshot"), "snapshot", secrets
+        )
+        ts_signers = load_signers(
+            timestamp_keys, role_keys(root.signed, "timestamp"), "timestamp", secrets
+        )
         old_snapshot = store.published_snapshot()
-        snapshot = Metadata(Snapshot(
-            version=old_snapshot.signed.version + 1 if old_snapshot else 1,
-            expires=expiry(expires.get("snapshot", store.expiry_days("snapshot"))),
-            meta={"targets.json": MetaFile(targets.signed.version)},
-        ))
+        snapshot = Metadata(
+            Snapshot(
+                version=old_snapshot.signed.version + 1 if old_snapshot else 1,
+                expires=expiry(expires.get("snapshot", store.expiry_days("snapshot"))),
+                meta={"targets.json": MetaFile(targets.signed.version)},
+            )
+        )
         sign_all(snapshot, snap_signers)
         require_threshold(store, root, "snapshot", snapshot)
-        timestamp = _new_timestamp(store, snapshot, expires.get("timestamp",
-                                                                store.expiry_days("timestamp")))
+        timestamp = _new_timestamp(
+            store, snapshot, expires.get("timestamp", store.expiry_days("timestamp"))
+        )
         sign_all(timestamp, ts_signers)
         require_threshold(store, root, "timestamp", timestamp)
         staged_targets = store.staged("targets") is not None
@@ -277,20 +290,26 @@ def publish(
         store.write_published(timestamp)  # last: it makes the new versions visible
         for role in OFFLINE_ROLES:
             store.drop_staged(role)
-        return PublishResult({"root": root.signed.version, "targets": targets.signed.version,
-                              "snapshot": snapshot.signed.version,
-                              "timestamp": timestamp.signed.version})
+        return PublishResult(
+            {
+                "root": root.signed.version,
+                "targets": targets.signed.version,
+                "snapshot": snapshot.signed.version,
+                "timestamp": timestamp.signed.version,
+            }
+        )
 
 
-def _new_timestamp(store: Store, snapshot: Metadata[Snapshot],
-                   days: int) -> Metadata[Timestamp]:
+def _new_timestamp(store: Store, snapshot: Metadata[Snapshot], days: int) -> Metadata[Timestamp]:
     old = store.published_timestamp()
     meta = MetaFile.from_data(snapshot.signed.version, to_bytes(snapshot), ["sha256"])
-    return Metadata(Timestamp(
-        version=old.signed.version + 1 if old else 1,
-        expires=expiry(days),
-        snapshot_meta=meta,
-    ))
+    return Metadata(
+        Timestamp(
+            version=old.signed.version + 1 if old else 1,
+            expires=expiry(days),
+            snapshot_meta=meta,
+        )
+    )
 
 
 def refresh_timestamp(
@@ -312,13 +331,16 @@ def refresh_timestamp(
         if root is None or snapshot is None or old is None:
             raise RepositoryStateError(f"{path}: nothing published yet; run `publish` first")
         check_not_expired(snapshot, "published snapshot")
-        signers = load_signers(timestamp_keys, role_keys(root.signed, "timestamp"),
-                           "timestamp", secrets)
-        timestamp = Metadata(Timestamp(
-            version=old.signed.version + 1,
-            expires=expiry(expires.get("timestamp", store.expiry_days("timestamp"))),
-            snapshot_meta=old.signed.snapshot_meta,
-        ))
+        signers = load_signers(
+            timestamp_keys, role_keys(root.signed, "timestamp"), "timestamp", secrets
+        )
+        timestamp = Metadata(
+            Timestamp(
+                version=old.signed.version + 1,
+                expires=expiry(expires.get("timestamp", store.expiry_days("timestamp"))),
+                snapshot_meta=old.signed.snapshot_meta,
+            )
+        )
         sign_all(timestamp, signers)
         require_threshold(store, root, "timestamp", timestamp)
         store.write_published(timestamp)
@@ -352,8 +374,9 @@ def rotate(
         for kid in remove_keyids:
             matches = [k for k in current if k.startswith(kid)] if len(kid) >= 8 else []
             if len(matches) != 1:
-                raise SigningError(f"--remove-key {kid}: not {'a' if not matches else 'one'} "
-                                   f"key of role {role}")
+                raise SigningError(
+                    f"--remove-key {kid}: not {'a' if not matches else 'one'} key of role {role}"
+                )
             signed.revoke_key(matches[0], role)
             current.discard(matches[0])
         for key in add_keys:
@@ -365,8 +388,10 @@ def rotate(
             signed.roles[role].threshold = threshold
         new_threshold = signed.roles[role].threshold
         if not 1 <= new_threshold <= len(current):
-            raise ThresholdError(f"role {role}: threshold {new_threshold} needs between 1 and "
-                                 f"{len(current)} keys (it would have {len(current)})")
+            raise ThresholdError(
+                f"role {role}: threshold {new_threshold} needs between 1 and "
+                f"{len(current)} keys (it would have {len(current)})"
+            )
         signers = load_signers(sign_with, root_signing_keys(store, root), "root", secrets)
         sign_all(root, signers)
         staged_targets = None

@@ -40,8 +40,9 @@ def sign_all(md: Metadata[Any], signers: Sequence[Signer]) -> None:
             # A token or KMS failing mid-way (PIN, session, network): name the key.
             cause = e.__cause__ or e
             reason = str(cause).strip() or type(cause).__name__
-            raise KeyFileError(f"signing {md.signed.type} with key "
-                               f"{signer.public_key.keyid[:16]} failed: {reason}") from e
+            raise KeyFileError(
+                f"signing {md.signed.type} with key {signer.public_key.keyid[:16]} failed: {reason}"
+            ) from e
 
 
 def check_expires(expires: Mapping[str, int], allowed: Sequence[str]) -> None:
@@ -72,31 +73,38 @@ def root_signing_keys(store: Store, root: Metadata[Root]) -> dict[str, Key]:
     return keys
 
 
-def require_threshold(store: Store, root: Metadata[Root], role: str,
-                       md: Metadata[Any]) -> None:
+def require_threshold(store: Store, root: Metadata[Root], role: str, md: Metadata[Any]) -> None:
     version = md.signed.version
     if role == "root":
         previous = store.published_root(version - 1) if version > 1 else None
         prev_signed = previous.signed if previous is not None else None
         result = root.signed.get_root_verification_result(
-            prev_signed, md.signed_bytes, md.signatures)
+            prev_signed, md.signed_bytes, md.signatures
+        )
         if not result.verified:
             # Root v1 is checked against itself only; later ones also against v(N-1).
             checks = [(result.second, version)]
             if version > 1:
                 checks.insert(0, (result.first, version - 1))
-            parts = [f"{r.missing} more from the keys of root v{v} (has {len(r.signed)} of "
-                     f"{r.threshold})" for r, v in checks if r.missing]
+            parts = [
+                f"{r.missing} more from the keys of root v{v} (has {len(r.signed)} of "
+                f"{r.threshold})"
+                for r, v in checks
+                if r.missing
+            ]
             raise ThresholdError(
                 f"root v{version} lacks signatures: needs {'; '.join(parts)}; "
-                f"add them with `sign-release sign REPO root --sign-with KEY`")
+                f"add them with `sign-release sign REPO root --sign-with KEY`"
+            )
         return
     t = threshold_of(root.signed, role, md)
     if t.missing:
-        hint = (f"; add them with `sign-release sign REPO {role} --sign-with KEY`"
-                if role in OFFLINE_ROLES else "")
+        hint = (
+            f"; add them with `sign-release sign REPO {role} --sign-with KEY`"
+            if role in OFFLINE_ROLES
+            else ""
+        )
         raise ThresholdError(
             f"{role} v{version} has {len(t.signed)} of {t.threshold} signatures needed "
-            f"from its keys in root v{root.signed.version}, lacks {t.missing}{hint}")
-
-
+            f"from its keys in root v{root.signed.version}, lacks {t.missing}{hint}"
+        )

@@ -58,8 +58,10 @@ def repository_status(path: Path) -> dict[str, Any]:
 
 def format_status(status: dict[str, Any]) -> list[str]:
     """Human-readable lines for `status` (the --json form is `status` itself)."""
-    lines = [f"{'role':<10} {'state':<10} {'version':>7} {'sigs':>5} {'expires':<20} "
-             f"{'days left':>9}  keyids"]
+    lines = [
+        f"{'role':<10} {'state':<10} {'version':>7} {'sigs':>5} {'expires':<20} "
+        f"{'days left':>9}  keyids"
+    ]
     for role, entry in status["roles"].items():
         if not entry:
             lines.append(f"{role:<10} -")
@@ -70,9 +72,13 @@ def format_status(status: dict[str, Any]) -> list[str]:
             sigs = f"{e['signatures']}/{e['threshold']}"
             left = "EXPIRED" if e["expired"] else f"{e['days_left']:.1f}"
             keyids = " ".join(k[:8] for k in e["keyids"])
-            lines.append(f"{role:<10} {state:<10} {e['version']:>7} {sigs:>5} "
-                         f"{e['expires']:<20} {left:>9}  {keyids}")
+            lines.append(
+                f"{role:<10} {state:<10} {e['version']:>7} {sigs:>5} "
+                f"{e['expires']:<20} {left:>9}  {keyids}"
+            )
             if e.get("previous_root_missing"):
-                lines.append(f"{'':<10} {'':<10} needs {e['previous_root_missing']} more "
-                             "signature(s) from the keys of the published root")
+                lines.append(
+                    f"{'':<10} {'':<10} needs {e['previous_root_missing']} more "
+                    "signature(s) from the keys of the published root"
+                )
     return lines

@@ -32,7 +32,7 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from signing.errors import RepositoryIOError, RepositoryStateError
-from signing.fsutil import atomic_write, fsync_dir, makedirs_durable
+from updater.fsutil import atomic_write, fsync_dir, makedirs_durable
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 OFFLINE_ROLES = ("root", "targets")  # staged and signed by release managers

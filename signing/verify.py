@@ -104,8 +104,12 @@ def verify_repository(repo: Path, root_json: Path) -> VerifyReport:
         target_dir.mkdir()
         try:
             updater = Updater(
-                str(meta_dir), f"{base}/metadata/", str(target_dir), f"{base}/targets/",
-                fetcher=DirectoryFetcher(repo), bootstrap=bootstrap,
+                str(meta_dir),
+                f"{base}/metadata/",
+                str(target_dir),
+                f"{base}/targets/",
+                fetcher=DirectoryFetcher(repo),
+                bootstrap=bootstrap,
             )
             updater.refresh()
             # ngclient persists only metadata it verified: list targets from that copy.
@@ -132,6 +136,10 @@ def verify_repository(repo: Path, root_json: Path) -> VerifyReport:
             for role in ("root", "targets", "snapshot", "timestamp")
         }
     return VerifyReport(
-        versions["root"], versions["targets"], versions["snapshot"], versions["timestamp"],
-        tuple(paths), total,
+        versions["root"],
+        versions["targets"],
+        versions["snapshot"],
+        versions["timestamp"],
+        tuple(paths),
+        total,
     )

@@ -37,8 +37,9 @@ from tuf.api.serialization import DeserializationError
 
 from updater import release
 from updater.errors import ConfigError
-from updater.mirror_store import MirrorDir, MirrorError, MirrorRejected, fsync_dir
-from updater.repository import Repository, TargetRejected, write_atomic
+from updater.fsutil import atomic_write, fsync_dir
+from updater.mirror_store import MirrorDir, MirrorError, MirrorRejected
+from updater.repository import Repository, TargetRejected
 
 Key = tuple[str, str]  # (hardware, role)
 
@@ -144,11 +145,9 @@ def verified_metadata(repo: Repository) -> dict[str, bytes]:
         if path.exists():
             files[f"{v}.root.json"] = read(path, "root", v)
     files["root.json"] = files[f"{root.version}.root.json"]
-    files["timestamp.json"] = read(cache / "timestamp.json", "timestamp",
-                                   trusted.timestamp.version)
+    files["timestamp.json"] = read(cache / "timestamp.json", "timestamp", trusted.timestamp.version)
     snap = trusted.snapshot
-    files[f"{snap.version}.snapshot.json"] = read(cache / "snapshot.json", "snapshot",
-                                                  snap.version)
+    files[f"{snap.version}.snapshot.json"] = read(cache / "snapshot.json", "snapshot", snap.version)
     for name, meta in snap.meta.items():
         role = name[: -len(".json")]
         quoted = parse.quote(role, "")
@@ -176,8 +175,9 @@ class SyncResult:
         return dict(self.__dict__)
 
 
-def _fetch_object(repo: Repository, store: MirrorDir, wanted: Wanted, retries: int,
-                  backoff: float) -> int:
+def _fetch_object(
+    repo: Repository, store: MirrorDir, wanted: Wanted, retries: int, backoff: float
+) -> int:
     """Stream one target into the object store; returns bytes written."""
     sha = sha256_of(wanted.target)
     fd, tmp = tempfile.mkstemp(dir=store.partial, prefix=f"{sha}.")
@@ -254,12 +254,12 @@ def sync(
 def _release_rows(plan: Iterable[Wanted]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for w in plan:
-        row = rows.setdefault((w.hardware, w.channel, w.version),
-                              {"hardware": w.hardware, "channel": w.channel,
-                               "version": w.version, "images": {}})
+        row = rows.setdefault(
+            (w.hardware, w.channel, w.version),
+            {"hardware": w.hardware, "channel": w.channel, "version": w.version, "images": {}},
+        )
         row["images"][w.role] = {"target": w.path, "file": w.url_path()}
-    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1],
-                                                         release.parse_version(k[2])))]
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], release.parse_version(k[2])))]
 
 
 def metadata_files(state: Path) -> dict[str, Path]:
@@ -305,8 +305,9 @@ def verify(directory: Path, trusted_root: Path) -> dict[str, Any]:
     state = store.current()
     manifest = store.manifest(int(state.name))
     with tempfile.TemporaryDirectory(prefix="update-mirror-verify-") as cache:
-        repo = Repository(f"file://{state}/metadata", f"file://{state}/targets", trusted_root,
-                          Path(cache))
+        repo = Repository(
+            f"file://{state}/metadata", f"file://{state}/targets", trusted_root, Path(cache)
+        )
         repo.refresh()
         targets = repo.targets()
         checked = 0
@@ -320,8 +321,12 @@ def verify(directory: Path, trusted_root: Path) -> dict[str, Any]:
                 for _ in repo.stream_target(target, retries=0):
                     pass
                 checked += 1
-    return {"state": manifest.number, "images_verified": checked,
-            "releases": list(manifest.releases), "expiry": expiry(metadata_files(state))}
+    return {
+        "state": manifest.number,
+        "images_verified": checked,
+        "releases": list(manifest.releases),
+        "expiry": expiry(metadata_files(state)),
+    }
 
 
 EXPORT_README = """\
@@ -347,8 +352,9 @@ for a fresh export.
 """
 
 
-def export(directory: Path, dest: Path, hardware: str | None = None,
-           version: str | None = None) -> dict[str, Any]:
+def export(
+    directory: Path, dest: Path, hardware: str | None = None, version: str | None = None
+) -> dict[str, Any]:
     """Copy the current state's metadata and the chosen images, and a README, to `dest`.
 
     Images are hashed while copied and compared with their sha256 name; every file is
@@ -357,12 +363,17 @@ def export(directory: Path, dest: Path, hardware: str | None = None,
     store = MirrorDir(directory)
     state = store.current()
     manifest = store.manifest(int(state.name))
-    rows = [r for r in manifest.releases
-            if (hardware is None or r["hardware"] == hardware)
-            and (version is None or r["version"] == version)]
+    rows = [
+        r
+        for r in manifest.releases
+        if (hardware is None or r["hardware"] == hardware)
+        and (version is None or r["version"] == version)
+    ]
     if not rows:
-        raise ConfigError(f"{directory}: no mirrored release matches hardware "
-                          f"{hardware or 'any'} and version {version or 'any'}")
+        raise ConfigError(
+            f"{directory}: no mirrored release matches hardware "
+            f"{hardware or 'any'} and version {version or 'any'}"
+        )
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -375,11 +386,16 @@ def export(directory: Path, dest: Path, hardware: str | None = None,
         _copy_verified(p, dest / "metadata" / p.name)
     report = expiry(metadata_files(state))
     text = EXPORT_README.format(
-        releases="".join(f"  {r['hardware']}  {r['channel']}  {r['version']}  "
-                         f"({', '.join(sorted(r['images']))})\n" for r in rows),
+        releases="".join(
+            f"  {r['hardware']}  {r['channel']}  {r['version']}  "
+            f"({', '.join(sorted(r['images']))})\n"
+            for r in rows
+        ),
         date=dt.datetime.now(dt.UTC).date().isoformat(),
-        expiry="".join(f"  {role:10} {e['days_left']:>7} days (until {e['expires']})\n"
-                       for role, e in report.items()),
+        expiry="".join(
+            f"  {role:10} {e['days_left']:>7} days (until {e['expires']})\n"
+            for role, e in report.items()
+        ),
     )
     _write_new(dest / "README.txt", text.encode())
     return {"dest": str(dest), "releases": rows, "bytes": copied, "expiry": report}
@@ -414,7 +430,7 @@ def _copy_verified(src: Path, dest: Path) -> int:
 
 def _write_new(path: Path, data: bytes) -> None:
     try:
-        write_atomic(path, data)
+        atomic_write(path, data)
     except OSError as e:
         raise MirrorError(f"cannot write {path}: {e.strerror}") from e
 
@@ -424,8 +440,10 @@ def status(directory: Path) -> dict[str, Any]:
     store = MirrorDir(directory)
     state = store.current()
     manifest = store.manifest(int(state.name))
-    return {"state": manifest.number, "synced_at": manifest.synced_at,
-            "upstream": manifest.upstream, "releases": list(manifest.releases),
-            "expiry": expiry(metadata_files(state))}
-
-
+    return {
+        "state": manifest.number,
+        "synced_at": manifest.synced_at,
+        "upstream": manifest.upstream,
+        "releases": list(manifest.releases),
+        "expiry": expiry(metadata_files(state)),
+    }

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from updater.errors import UpdateFailed, UpdateRejected
+from updater.fsutil import fsync_dir
 
 
 class MirrorError(UpdateFailed):
@@ -43,14 +44,6 @@ class MirrorError(UpdateFailed):
 
 class MirrorRejected(UpdateRejected):
     """A mirror directory or export is not in the expected shape or does not verify."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -175,8 +168,9 @@ class MirrorDir:
         The previous state's own metadata and targets are carried over (see module doc).
         """
         previous = self.current_number()
-        number = 1 + max((int(p.name) for p in self.states.iterdir() if p.name.isdigit()),
-                         default=0)
+        number = 1 + max(
+            (int(p.name) for p in self.states.iterdir() if p.name.isdigit()), default=0
+        )
         staging = self.states / f".staging-{number}"
         try:
             if staging.exists():
@@ -208,8 +202,14 @@ class MirrorDir:
             final = self.states / str(number)
             os.rename(staging, final)
             fsync_dir(self.states)
-            manifest = Manifest(number, tuple(sorted(metadata)), dict(sorted(targets.items())),
-                                releases, synced_at, upstream)
+            manifest = Manifest(
+                number,
+                tuple(sorted(metadata)),
+                dict(sorted(targets.items())),
+                releases,
+                synced_at,
+                upstream,
+            )
             tmp = self.manifests / f".{number}.json.tmp"
             write_file(tmp, json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode())
             os.replace(tmp, self.manifests / f"{number}.json")

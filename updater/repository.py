@@ -31,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -51,6 +49,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
 from updater.errors import ConfigError, UpdateFailed, UpdateRejected
+from updater.fsutil import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +147,7 @@ class RequestsFetcher(FetcherInterface):
         return self._iter_response(resp, url, skip, size)
 
     @staticmethod
-    def _iter_response(
-        resp: requests.Response, url: str, skip: int, size: int
-    ) -> Iterator[bytes]:
+    def _iter_response(resp: requests.Response, url: str, skip: int, size: int) -> Iterator[bytes]:
         try:
             for chunk in resp.iter_content(size):
                 if skip:
@@ -168,9 +165,7 @@ class RequestsFetcher(FetcherInterface):
             raise tuf_exc.DownloadError(f"{url} is shorter than the resume offset")
 
     @staticmethod
-    def _fetch_file(
-        url: str, split: parse.SplitResult, offset: int, size: int
-    ) -> Iterator[bytes]:
+    def _fetch_file(url: str, split: parse.SplitResult, offset: int, size: int) -> Iterator[bytes]:
         if split.netloc not in ("", "localhost"):
             raise tuf_exc.DownloadError(f"file URL with a remote host: {url}")
         path = parse.unquote(split.path)
@@ -210,27 +205,7 @@ class _DurableUpdater(Updater):
     """ngclient's Updater whose cache writes are fsync'd (ngclient only renames)."""
 
     def _persist_file(self, filename: str, data: bytes) -> None:
-        write_atomic(Path(filename), data)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path`: temp file in the same dir, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        atomic_write(Path(filename), data)
 
 
 class Repository:

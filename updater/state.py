@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 from updater.errors import UpdateFailed
+from updater.fsutil import fsync_dir
 from updater.slots import SLOTS
 
 log = logging.getLogger(__name__)
@@ -250,14 +251,6 @@ def load_journal(state_dir: Path) -> Journal:
     return replace(journal, last_error=message)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_journal(state_dir: Path, journal: Journal) -> None:
     """Write `journal` atomically to state_dir/journal.json, keeping the previous good one."""
     path, backup = state_dir / JOURNAL_NAME, state_dir / BACKUP_NAME
@@ -275,7 +268,7 @@ def save_journal(state_dir: Path, journal: Journal) -> None:
             os.fsync(f.fileno())
         _keep_backup(path, backup)
         os.replace(tmp, path)
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()

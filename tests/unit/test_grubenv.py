@@ -156,7 +156,7 @@ def test_missing_file_is_an_environment_error(tmp_path: Path) -> None:
 
 
 def test_write_into_missing_directory_fails_cleanly(tmp_path: Path) -> None:
-    with pytest.raises(UpdaterError, match="cannot create temp file"):
+    with pytest.raises(UpdaterError, match="cannot write grubenv: No such file"):
         write_grubenv(tmp_path / "no" / "grubenv", {})
 
 

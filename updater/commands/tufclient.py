@@ -18,8 +18,6 @@ status is 0 on success and 1 on any failure, with one `error:` line on stderr.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib import parse
@@ -28,6 +26,7 @@ import click
 from tuf.api.exceptions import LengthOrHashMismatchError
 
 from updater.errors import ConfigError, UpdateFailed, UpdaterError
+from updater.fsutil import atomic_write
 from updater.repository import Repository
 
 
@@ -46,13 +45,20 @@ def _need(value: object, option: str) -> None:
 
 
 @click.group("tuf-client")
-@click.option("--metadata-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Local TUF metadata cache (trusted root after init).")
+@click.option(
+    "--metadata-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Local TUF metadata cache (trusted root after init).",
+)
 @click.option("--metadata-url", default="", help="Base URL of the repository metadata.")
 @click.option("--target-name", default="", help="Target path to download.")
 @click.option("--target-base-url", default="", help="Base URL of the target files.")
-@click.option("--target-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to download the target into.")
+@click.option(
+    "--target-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to download the target into.",
+)
 @click.pass_context
 def tuf_client(
     ctx: click.Context,
@@ -129,25 +135,8 @@ def _download(obj: dict[str, object]) -> None:
 
 def _write_stream(dest: Path, chunks: Iterator[bytes]) -> None:
     """Write `chunks` (verified when the iterator ends) to dest; rename only then."""
-    tmp: str | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        tmp = None
-        dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(dest, chunks)
     except OSError as e:
         raise UpdateFailed(f"cannot write {dest}: {e.strerror or e}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)

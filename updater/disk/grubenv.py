@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from construct import Bytes, Const, ConstructError, Struct, Terminated
 
 from updater.errors import DeviceError, GrubenvError
+from updater.fsutil import atomic_write
 
 GRUBENV_SIZE = 1024
 SIGNATURE = b"# GRUB Environment Block\n"
@@ -187,30 +187,10 @@ def write_grubenv(path: str | os.PathLike[str], env: Mapping[str, str]) -> None:
     """
     p = Path(path)
     block = build_grubenv(env)
-    directory = p.parent
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
+        atomic_write(p, block, mode=0o644)
     except OSError as err:
-        raise DeviceError(f"{p}: cannot create temp file in {directory}: {err.strerror}") from err
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise DeviceError(f"{p}: cannot write grubenv: {err.strerror}") from err
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as err:
-        raise DeviceError(f"{directory}: cannot fsync directory: {err.strerror}") from err
+        raise DeviceError(f"{p}: cannot write grubenv: {err.strerror or err}") from err
 
 
 def update_grubenv(

@@ -1,4 +1,4 @@
-"""Crash-safe file writes for the signing tools.
+"""Crash-safe file writes, for every file the project's tools write.
 
 Invariant: a file the tools write is either absent, its old content, or its complete
 new content - never half-written: data goes to a temporary file in the same directory,
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -49,10 +49,15 @@ def temp_file(directory: Path, prefix: str = ".tmp-") -> Iterator[tuple[IO[bytes
             path.unlink()
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path`: temp file + fsync + rename + fsync of the directory."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
+    """Write `data` (bytes, or chunks streamed in order) to `path`: temp file + fsync +
+    rename + fsync of the directory. Raises OSError; `path` is then unchanged."""
     with temp_file(path.parent, prefix=f".{path.name}.") as (f, tmp):
-        f.write(data)
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            for chunk in data:
+                f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
         os.chmod(tmp, mode)
