@@ -5,8 +5,9 @@ at most `len(buffer)` bytes, whatever the compression ratio of the input. This i
 keeps memory flat for a GiB image and makes a decompression bomb harmless: the writer
 asks for at most `raw_length + 1` bytes in total and stops there.
 
-Supported: `zstd` (zstandard's stream reader, multiple frames), `xz` (lzma, concatenated
-streams), `gzip` (zlib with wbits=31, multiple members) and `none`.
+Supported: `zstd` (zstandard's stream reader, multiple frames, window at most
+`ZSTD_MAX_WINDOW`), `xz` (lzma, concatenated streams), `gzip` (zlib with wbits=31,
+multiple members) and `none`.
 
 Invariants:
 - the chunk iterator is consumed lazily and its exceptions propagate unchanged (the
@@ -34,6 +35,9 @@ COMPRESSIONS: tuple[str, ...] = ("zstd", "xz", "gzip", "none")
 # How much compressed input is handed to a decoder at once; the output per call is
 # bounded separately (max_length / readinto), so this only trades call overhead.
 _INPUT_CHUNK = 1 << 20
+# A zstd frame names the window its decoder must allocate; the stream is untrusted until
+# it ends, so cap it (zstd levels 1-19 use at most 8 MiB; `--long`/`--ultra` need more).
+ZSTD_MAX_WINDOW = 32 << 20
 
 
 class CorruptStream(UpdateRejected):
@@ -107,7 +111,8 @@ class _ZstdReader:
     def __init__(self, source: ChunkSource, what: str) -> None:
         self._what = what
         # zstandard only calls read(); ChunkSource is not a full IO[bytes].
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
+        decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._reader = decompressor.stream_reader(
             cast("IO[bytes]", source), read_size=_INPUT_CHUNK, read_across_frames=True
         )
 
@@ -115,7 +120,10 @@ class _ZstdReader:
         try:
             return int(self._reader.readinto(buffer))
         except zstandard.ZstdError as err:
-            raise CorruptStream(f"{self._what}: bad zstd data: {err}") from err
+            hint = ""
+            if "memory" in str(err).lower():
+                hint = f" (a zstd window of at most {ZSTD_MAX_WINDOW >> 20} MiB is accepted)"
+            raise CorruptStream(f"{self._what}: bad zstd data: {err}{hint}") from err
 
 
 class _MaxLengthReader:

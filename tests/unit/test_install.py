@@ -21,7 +21,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from updater.decompress import CorruptStream
+from updater.decompress import ZSTD_MAX_WINDOW, CorruptStream
 from updater.errors import DeviceError, SlotGuardError, UpdateFailed, UpdateRejected
 from updater.install import (
     BLOCK_SIZE,
@@ -359,6 +359,24 @@ def test_corrupt_stream_is_rejected(disk: Path, guard: SlotGuard, compression: s
             chunked(bytes(data)),
             slot("B", disk, B_OFFSET),
             compression=compression,
+            raw_length=len(IMAGE),
+            raw_sha256=sha(IMAGE),
+            guard=guard,
+        )
+
+
+def test_zstd_window_beyond_the_cap_is_rejected(disk: Path, guard: SlotGuard) -> None:
+    """A frame may demand a window of up to 2 GiB; the decoder refuses more than the cap."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=26)  # 64 MiB
+    # Streamed (size unknown), so zstd cannot shrink the window to the input size.
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    data = compressor.compress(IMAGE) + compressor.flush()
+    assert zstandard.get_frame_parameters(data).window_size > ZSTD_MAX_WINDOW
+    with pytest.raises(CorruptStream, match="window of at most 32 MiB"):
+        write_image(
+            chunked(data),
+            slot("B", disk, B_OFFSET),
+            compression="zstd",
             raw_length=len(IMAGE),
             raw_sha256=sha(IMAGE),
             guard=guard,
