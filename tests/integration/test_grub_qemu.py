@@ -2,12 +2,13 @@
 
 The disk image is a GPT (sgdisk) with an ESP (mkfs.vfat + mcopy) holding a
 grub-mkstandalone BOOTX64.EFI, the shipped `partition-layouts/grub-efi-ab.cfg`
-unchanged as /EFI/BOOT/grub.cfg, and the grubenv; two ext4 root filesystems labelled
-root_a / root_b hold /boot/vmlinuz and /boot/initrd.img. The standalone image's
-embedded config only sets `ab_dry_run=1` and sources the shipped script, which then
-prints its decision (and the kernel command line) on the serial console and halts
-instead of booting. After each boot the grubenv is copied back out of the FAT with
-mcopy and read with `grub-editenv list` - what GRUB's save_env really wrote.
+unchanged as /EFI/BOOT/grub.cfg, and the grubenv; two ext4 root filesystems (with the
+same label, so the script must choose by partition number) hold /boot/vmlinuz and
+/boot/initrd.img. The standalone image's embedded config only sets `ab_dry_run=1` and
+sources the shipped script, which then prints its decision (and the kernel command
+line) on the serial console and halts instead of booting. After each boot the grubenv
+is copied back out of the FAT with mcopy and read with `grub-editenv list` - what
+GRUB's save_env really wrote.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
         (tree / "boot" / "vmlinuz").write_bytes(f"kernel of {name}\n".encode())
         (tree / "boot" / "initrd.img").write_bytes(f"initrd of {name}\n".encode())
         image = work / f"{name}.img"
-        run_tool("mkfs.ext4", "-q", "-F", "-L", name, "-d", tree, image, "8M")
+        # Both slots carry the same filesystem label, as they do when one signed image
+        # is written to either slot: GRUB must pick the slot by partition.
+        run_tool("mkfs.ext4", "-q", "-F", "-L", "rootfs", "-d", tree, image, "8M")
         images[name] = image
 
     disk = work / "disk.img"
