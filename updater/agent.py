@@ -32,9 +32,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,8 @@ from updater.boot.registry import make_bootloader
 from updater.config import Config
 from updater.disk import blockdev
 from updater.errors import ConfigError, UpdateFailed, UpdateRejected, UpdaterError
+from updater.hooks import run_hook
+from updater.osrelease import image_version
 from updater.repository import Repository, RequestsFetcher
 from updater.slots import SLOTS, PartitionTarget, other
 from updater.state import Journal, load_journal, save_journal
@@ -56,10 +57,6 @@ log = logging.getLogger(__name__)
 FAILPOINT_ENV = "UPDATER_FAILPOINT"
 FAILPOINT_EXIT = 137
 Progress = Callable[[str, int, int], None]  # (role, done raw bytes, raw length)
-
-
-class HookFailed(UpdateFailed):
-    """A configured hook command failed or timed out."""
 
 
 class NoFallback(UpdateFailed):
@@ -110,22 +107,6 @@ class HealthOutcome:
             "detail": self.detail,
             "rebooting": self.rebooting,
         }
-
-
-def run_hook(name: str, argv: Sequence[str], timeout: float) -> None:
-    """Run a configured hook; an empty command is "no hook"."""
-    if not argv:
-        return
-    log.info("running %s hook: %s", name, " ".join(argv))
-    try:
-        done = subprocess.run(list(argv), timeout=timeout, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise HookFailed(f"{name} hook: command not found: {argv[0]}") from e
-    except subprocess.TimeoutExpired as e:
-        raise HookFailed(f"{name} hook {argv[0]}: timed out after {timeout:g}s") from e
-    if done.returncode != 0:
-        tail = " ".join((done.stderr or done.stdout).split())[-200:]
-        raise HookFailed(f"{name} hook {argv[0]}: exit {done.returncode}: {tail}")
 
 
 class Agent:
@@ -525,23 +506,6 @@ class Agent:
             delay = self.config.daemon.interval + rng.uniform(0, self.config.daemon.jitter)
             log.info("next check in %.0f s", delay)
             sleep(delay)
-
-
-def image_version(os_release: Path) -> str | None:
-    """`IMAGE_VERSION=` of an os-release file (systemd's field for image-based OSes)."""
-    try:
-        with os_release.open(encoding="utf-8", errors="replace") as f:
-            text = f.read(64 * 1024)
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() == "IMAGE_VERSION":
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            return value or None
-    return None
 
 
 def _for_role(progress: Progress | None, role: str) -> Callable[[int, int], None] | None:

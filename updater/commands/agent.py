@@ -24,6 +24,17 @@ from updater.slots import SLOTS
 
 EXIT_ROLLED_BACK = 5
 
+# Options used by more than one command, defined once.
+from_option = click.option(
+    "--from",
+    "source",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A mounted medium holding a repository (metadata/ and targets/).",
+)
+reboot_option = click.option(
+    "--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards."
+)
+
 
 def _agent(ctx: click.Context) -> Agent:
     root = ctx.find_root()
@@ -100,12 +111,7 @@ def status(ctx: click.Context) -> None:
 
 
 @click.command()
-@click.option(
-    "--from",
-    "source",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A mounted medium holding a repository (metadata/ and targets/).",
-)
+@from_option
 @click.pass_context
 def check(ctx: click.Context, source: Path | None) -> None:
     """Refresh the signed metadata and say whether a newer release is available."""
@@ -123,12 +129,7 @@ def check(ctx: click.Context, source: Path | None) -> None:
 @click.option("--force", is_flag=True, help="With --version: allow a downgrade or re-install.")
 @click.option("--no-activate", is_flag=True, help="Write and verify only; do not switch slots.")
 @click.option("--no-reboot", is_flag=True, help="Switch slots but do not reboot.")
-@click.option(
-    "--from",
-    "source",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A mounted medium holding a repository (metadata/ and targets/).",
-)
+@from_option
 @click.pass_context
 def install(
     ctx: click.Context,
@@ -164,7 +165,7 @@ def install(
 
 @click.command()
 @click.argument("slot", type=click.Choice(SLOTS))
-@click.option("--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards.")
+@reboot_option
 @click.pass_context
 def activate(ctx: click.Context, slot: str, reboot: bool) -> None:
     """Boot SLOT next, with one try (it must hold a verified image)."""
@@ -176,7 +177,7 @@ def activate(ctx: click.Context, slot: str, reboot: bool) -> None:
 
 
 @click.command()
-@click.option("--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards.")
+@reboot_option
 @click.pass_context
 def rollback(ctx: click.Context, reboot: bool) -> None:
     """Make the other (known good) slot primary again."""
