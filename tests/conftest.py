@@ -8,6 +8,16 @@ from pathlib import Path
 
 import pytest
 
+# Helper modules whose asserts should read like test asserts; registered before any
+# test module imports them.
+pytest.register_assert_rewrite(
+    "tests.agentnode", "tests.httpserver", "tests.reposim", "tests.signing_helpers"
+)
+
+from tests.httpserver import http_server  # noqa: E402  (a fixture shared by all tests)
+
+__all__ = ["http_server", "require_tool", "run_tool"]
+
 
 def require_tool(name: str) -> str:
     """Path of a real tool; `make test` installs them, so a missing one is a failure."""

@@ -14,8 +14,7 @@ Each switch applies to the next `times` requests of that path (-1: every request
 Every request is logged in `server.requests` (path and Range header) so a test can
 assert, e.g., that a download was resumed with `Range: bytes=<n>-`.
 
-Use the `http_server` fixture (`pytest_plugins = ["tests.httpserver"]` in a test module
-or the root conftest): it serves
+Use the `http_server` fixture (registered by tests/conftest.py): it serves
 `tmp_path / "www"` and always stops, joining every handler thread.
 """
 

@@ -24,10 +24,9 @@ from updater.repository import (
     TargetRejected,
 )
 
-if TYPE_CHECKING:  # imported by pytest_plugins at run time (so pytest can rewrite it)
+if TYPE_CHECKING:  # the http_server fixture comes from tests/conftest.py
     from tests.httpserver import HTTPTestServer
 
-pytest_plugins = ["tests.httpserver"]  # the http_server fixture
 
 MIB = 1 << 20
 IMAGE = random.Random(4).randbytes(5 * MIB + 123)  # deterministic, not a chunk multiple

@@ -18,7 +18,6 @@ from updater.cli import cli
 if TYPE_CHECKING:
     from tests.httpserver import HTTPTestServer
 
-pytest_plugins = ["tests.httpserver"]
 
 NAME = "x86_64-generic/1.0.0/root img.img"  # a space and a slash: quoted on disk
 DATA = bytes(range(256)) * 4096
