@@ -7,6 +7,7 @@ source changed. Missing tools are a failure, never a skip: `make test` installs 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import require_tool
 from tests.e2e.node import Node, build_release, default_cache_dir, make_node
 from tests.e2e.node.disk import OVMF_CODE, OVMF_VARS
+from tests.e2e.scenarios import Runner, start_selected
 
 TOOLS = (
     "debootstrap", "qemu-system-x86_64", "mkfs.ext4", "tune2fs", "mkfs.vfat", "mcopy",
@@ -41,3 +43,20 @@ def release_v1(e2e_cache: Path) -> Path:
 def node(tmp_path: Path, e2e_cache: Path, release_v1: Path) -> Node:
     """A fresh node: release 1 in slot A, slot B empty, grubenv ORDER="A B" A_OK=1."""
     return make_node(tmp_path / "node", release_v1, cache=e2e_cache)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scenario_runner(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Runner | None]:
+    """Starts the selected update scenarios (test_scenarios.py) in the background as the
+    e2e session begins, two QEMUs at a time, so their boots overlap (see scenarios.Runner)."""
+    names = [i.name for i in request.session.items if i.path.name == "test_scenarios.py"]
+    if not names:
+        yield None
+        return
+    cache: Path = request.getfixturevalue("e2e_cache")
+    runner = Runner(tmp_path_factory.mktemp("scenarios"), cache)
+    start_selected(runner, names)
+    yield runner
+    runner.close()

@@ -9,6 +9,8 @@ Invariants: the outcome (`exit_reason`) comes only from what the console shows a
 from QEMU's exit - `E2E:` markers printed by the guest's init, the kernel's panic
 line - never from the test's expectations; every boot has a hard timeout after which
 QEMU is killed; the full console text is kept in a log file next to the disk.
+`kill_when` is a power cut: QEMU is killed (SIGKILL, no guest shutdown) as soon as
+a console line satisfies it, and the boot ends with `exit_reason == "killed"`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
 from tests.e2e.node.disk import OVMF_CODE, Node
 
-ExitReason = Literal["poweroff", "reboot", "panic", "timeout", "reset", "error"]
+ExitReason = Literal["poweroff", "reboot", "panic", "timeout", "reset", "error", "killed"]
 MARKER = re.compile(r"^E2E: (.*?)\s*$", re.MULTILINE)
 PANIC = "Kernel panic - not syncing"
 DEFAULT_TIMEOUT = 180.0
@@ -39,6 +42,9 @@ class BootResult:
     qemu_returncode: int | None
     log_path: Path
     commands: tuple[tuple[str, int], ...] = field(default=())
+    killed_at: str | None = None  # the console line that triggered `kill_when`
+    # (seconds since QEMU started, line) for every console line, as the host read it.
+    timeline: tuple[tuple[float, str], ...] = field(default=())
 
     def fields(self, marker: str) -> dict[str, str]:
         """`key=value` words of the first marker starting with `marker`, e.g. booted."""
@@ -83,13 +89,29 @@ def _qemu_argv(node: Node, updates_disk: Path | None, memory_mib: int) -> list[s
     return argv
 
 
-def _pump(stream: IO[bytes], log: IO[bytes], chunks: list[bytes], panic: threading.Event) -> None:
+def _pump(
+    stream: IO[bytes],
+    log: IO[bytes],
+    chunks: list[bytes],
+    panic: threading.Event,
+    kill: Callable[[str], bool] | None,
+    killed: list[str],
+    proc: subprocess.Popen[bytes],
+    timeline: list[tuple[float, str]],
+    start: float,
+) -> None:
     for line in iter(stream.readline, b""):
         log.write(line)
         log.flush()
         chunks.append(line)
+        timeline.append((time.monotonic() - start, line.decode(errors="replace").rstrip("\r\n")))
         if PANIC.encode() in line:
             panic.set()
+        if kill is not None and not killed:
+            text = line.decode(errors="replace").rstrip("\r\n")
+            if kill(text):
+                killed.append(text)
+                proc.kill()  # the power cut: no flush, no shutdown, mid-write
 
 
 def boot(
@@ -98,18 +120,25 @@ def boot(
     updates_disk: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     memory_mib: int = 512,
+    kill_when: Callable[[str], bool] | None = None,
 ) -> BootResult:
-    """Power the node on once; return when QEMU exits (or is killed at `timeout`)."""
+    """Power the node on once; return when QEMU exits (or is killed at `timeout`, or
+    when a console line satisfies `kill_when`: a power cut at that moment)."""
     number = len(list(node.workdir.glob("serial-*.log"))) + 1
     log_path = node.workdir / f"serial-{number}.log"
     argv = _qemu_argv(node, updates_disk, memory_mib)
     chunks: list[bytes] = []
     panic = threading.Event()
+    killed: list[str] = []
+    timeline: list[tuple[float, str]] = []
     start = time.monotonic()
     with log_path.open("wb") as log, (node.workdir / f"qemu-{number}.stderr").open("wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
-        pump = threading.Thread(target=_pump, args=(proc.stdout, log, chunks, panic))
+        pump = threading.Thread(
+            target=_pump,
+            args=(proc.stdout, log, chunks, panic, kill_when, killed, proc, timeline, start),
+        )
         pump.start()
         timed_out = False
         try:
@@ -123,6 +152,8 @@ def boot(
     text = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n").replace("\r", "")
     markers = tuple(MARKER.findall(text))
     reason = _exit_reason(markers, panic.is_set(), timed_out, proc.returncode)
+    if killed:
+        reason = "killed"
     return BootResult(
         serial_log=text,
         markers=markers,
@@ -131,6 +162,8 @@ def boot(
         qemu_returncode=None if timed_out else proc.returncode,
         log_path=log_path,
         commands=_commands(markers),
+        killed_at=killed[0] if killed else None,
+        timeline=tuple(timeline),
     )
 
 

@@ -1,0 +1,209 @@
+"""Update scenarios end to end: real OVMF, GRUB + the shipped A/B script, the slot's own
+kernel, the real agent in the guest; the signed repository arrives on an UPDATES disk.
+
+a. happy path: v1 (A) installs v2 into B, GRUB boots B, the health check commits it,
+   a further boot still boots B.
+b. (continues a's node) v3 fails its health check: it marks itself bad and reboots,
+   GRUB boots B again, v3 is recorded as failed and a plain `install` skips it.
+c. a release that panics before user space: GRUB's one try falls back to A with no
+   help from the agent; the agent then records the failure (fell-back, failed_versions).
+d. power cuts while the agent writes the inactive slot (seeded random points, from
+   the `install --json` progress lines): the node comes back on the old slot and a
+   retried install succeeds.
+e. the `gptprio` backend: the agent writes the GPT bits in the guest, `cgpt` reads
+   them after each run; the host plays the gptprio chooser (see docs/e2e.md).
+
+The boots run in tests/e2e/scenarios.py, started in the background when the session
+begins (conftest.py: two QEMUs at a time); each test waits for its own scenario and
+asserts on what the serial console showed and on the disk after QEMU exited (grubenv
+with grub-editenv, journal with debugfs, GPT bits with cgpt, slots by sha256). Every
+scenario builds its own node from the cached template; a and b share one node (b
+continues a), and either runs alone (b then runs a's boots first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.scenarios import (
+    HEALTH,
+    INSTALL,
+    Boot,
+    GptPrio,
+    HappyThenFailed,
+    PowerCuts,
+    Runner,
+    Scenario,
+    job,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def env_of(boot: Boot, *keys: str) -> tuple[str, ...]:
+    return tuple(boot.grubenv.get(k, "") for k in keys)
+
+
+def test_a_happy_path_v2_installed_into_b_boots_and_is_committed(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    chain: HappyThenFailed = scenario_runner.result("ab", job("ab", e2e_cache, ab_boots=3))
+    b1, b2, b3 = chain.boots[:3]
+    size = chain.v2.stat().st_size
+
+    # Boot 1: GRUB picks A; v1 commits itself; the agent installs v2 into B, reboots.
+    assert "ab-updater: booting slot A (ORDER=A B)" in b1.grub_said
+    assert (b1.slot, b1.version) == ("A", "1.0.0"), b1.result.log_path
+    assert b1.health == "committed"
+    install = b1.install
+    assert install is not None, b1.result.log_path
+    assert (install["installed"], install["version"], install["slot"]) == (True, "2.0.0", "B")
+    assert install["activated"] and install["rebooting"] and not install["reused"]
+    assert b1.progress and b1.progress[-1]["done"] == b1.progress[-1]["total"] == size
+    assert b1.result.exit_reason == "reboot"
+    assert env_of(b1, "ORDER", "A_OK", "A_TRY", "B_OK", "B_TRY") == ("B A", "1", "0", "1", "0")
+    assert b1.journal["pending"]["slot"] == "B" and b1.journal["pending"]["version"] == "2.0.0"
+    assert b1.holds == {"A": None, "B": "2.0.0"}  # sha256 of slot B == the signed image
+    rate = b1.throughput_mib_s()
+    assert rate is not None
+    print(f"install throughput in the guest: {rate:.1f} MiB/s ({size >> 20} MiB, zstd)")
+
+    # Boot 2: GRUB boots B with its one try; v2's own health check passes; committed.
+    assert "ab-updater: booting slot B (ORDER=B A)" in b2.grub_said
+    assert b2.grubenv_at_boot["B_TRY"] == "1"
+    assert (b2.slot, b2.version, b2.result.booted["root"]) == ("B", "2.0.0", "/dev/nvme0n1p3")
+    assert b2.result.fields("cmdline")["root"] == "PARTLABEL=root_b"
+    assert "E2E: health-check pass version=2.0.0" in b2.result.serial_log
+    assert b2.health == "committed" and b2.result.exit_status(HEALTH) == 0
+    assert b2.result.exit_reason == "poweroff"
+    assert env_of(b2, "ORDER", "B_OK", "B_TRY", "A_OK") == ("B A", "1", "0", "1")
+    assert b2.journal["pending"] is None
+    assert b2.journal["slots"]["B"]["version"] == "2.0.0"
+
+    # Boot 3: a further power-on still boots B, and it commits again.
+    assert "ab-updater: booting slot B (ORDER=B A)" in b3.grub_said
+    assert (b3.slot, b3.version) == ("B", "2.0.0")
+    assert b3.health == "committed"
+
+
+def test_b_failed_health_check_rolls_back_and_is_not_installed_again(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    chain: HappyThenFailed = scenario_runner.result("ab", job("ab", e2e_cache, ab_boots=5))
+    b3, b4, b5 = chain.run_until(5)[2:]
+
+    # Boot 3 (B, v2): v3 was published; the agent installs it into A and reboots.
+    install = b3.install
+    assert install is not None, b3.result.log_path
+    assert (install["installed"], install["version"], install["slot"]) == (True, "3.0.0", "A")
+    assert b3.result.exit_reason == "reboot"
+    assert env_of(b3, "ORDER", "A_OK", "A_TRY", "B_OK", "B_TRY") == ("A B", "1", "0", "1", "0")
+    assert b3.holds == {"A": "3.0.0", "B": "2.0.0"}
+
+    # Boot 4: GRUB boots A (v3); its health check fails; A marked bad, B primary, reboot.
+    assert "ab-updater: booting slot A (ORDER=A B)" in b4.grub_said
+    assert (b4.slot, b4.version) == ("A", "3.0.0")
+    assert "E2E: health-check fail version=3.0.0" in b4.result.serial_log
+    assert b4.health == "rolled-back", b4.result.log_path
+    assert b4.result.exit_reason == "reboot"
+    assert env_of(b4, "ORDER", "A_OK", "B_OK", "B_TRY") == ("B A", "0", "1", "0")
+    assert "3.0.0" in b4.journal["failed_versions"]
+
+    # Boot 5: GRUB boots B (v2) again; a plain install finds nothing (v3 failed here).
+    assert "ab-updater: booting slot B (ORDER=B A)" in b5.grub_said
+    assert (b5.slot, b5.version) == ("B", "2.0.0")
+    assert b5.health == "committed"
+    assert b5.install is not None and b5.install["installed"] is False, b5.result.log_path
+    assert b5.result.exit_status(INSTALL) == 0
+    assert b5.result.exit_reason == "poweroff"
+    assert env_of(b5, "ORDER", "A_OK", "B_OK", "B_TRY") == ("B A", "0", "1", "0")
+    assert list(b5.journal["failed_versions"]) == ["3.0.0"]
+    assert b5.holds == {"A": "3.0.0", "B": "2.0.0"}  # v3 was not written again
+
+
+def test_c_release_that_panics_falls_back_in_grub_and_the_agent_records_it(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    node: Scenario = scenario_runner.result("c", job("c", e2e_cache))
+    b1, b2, b3 = node.boots
+
+    assert b1.install is not None and b1.install["slot"] == "B", b1.result.log_path
+    assert b1.result.exit_reason == "reboot" and b1.holds["B"] == "2.0.0"
+
+    assert "ab-updater: booting slot B (ORDER=B A)" in b2.grub_said
+    assert "Kernel panic - not syncing" in b2.result.serial_log
+    assert b2.result.exit_reason == "panic" and b2.slot is None
+    assert env_of(b2, "ORDER", "B_OK", "B_TRY") == ("B A", "1", "1")  # GRUB's try, spent
+    assert b2.journal["pending"]["version"] == "2.0.0"  # nobody ran to change it
+
+    assert "ab-updater: skipping slot B (OK=1 TRY=1)" in b3.grub_said
+    assert "ab-updater: booting slot A (ORDER=B A)" in b3.grub_said
+    assert (b3.slot, b3.version) == ("A", "1.0.0")
+    assert b3.health == "fell-back" and b3.result.exit_status(HEALTH) == 5
+    assert b3.result.exit_reason == "poweroff"
+    assert env_of(b3, "A_OK", "A_TRY", "B_OK") == ("1", "0", "0")
+    assert b3.journal["pending"] is None
+    assert list(b3.journal["failed_versions"]) == ["2.0.0"]
+
+
+def test_d_power_cut_during_install_boots_the_old_slot_and_a_retry_succeeds(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    cuts: PowerCuts = scenario_runner.result("d", job("d", e2e_cache))
+    print(f"scenario d: seed {cuts.seed}: cut after {[b >> 20 for b in cuts.cut_after]} MiB")
+    *cut_boots, retry = cuts.node.boots
+    assert len(cut_boots) == len(cuts.points_mib) >= 2
+
+    for boot, mib, written in zip(cut_boots, cuts.points_mib, cuts.cut_after, strict=True):
+        assert boot.result.exit_reason == "killed", boot.result.log_path
+        assert written >= mib << 20, boot.result.log_path  # killed mid-write, where asked
+        assert written < boot.progress[-1]["total"]
+        # Every boot (also the one after a cut) came up on the old slot, A.
+        assert "ab-updater: booting slot A (ORDER=A B)" in boot.grub_said
+        assert (boot.slot, boot.version) == ("A", "1.0.0")
+        # B was invalidated before the first byte: GRUB will not boot the torn slot.
+        assert env_of(boot, "ORDER", "A_OK", "B_OK") == ("A B", "1", "0")
+        assert boot.journal.get("pending") is None
+        assert "B" not in boot.journal.get("slots", {})
+        assert boot.holds["B"] is None
+
+    assert "ab-updater: booting slot A (ORDER=A B)" in retry.grub_said
+    assert (retry.slot, retry.version) == ("A", "1.0.0")
+    assert retry.health == "committed"  # GRUB's try of A after the cut, committed
+    install = retry.install
+    assert install is not None, retry.result.log_path
+    assert (install["installed"], install["version"], install["slot"]) == (True, "2.0.0", "B")
+    assert not install["reused"]
+    assert retry.result.exit_reason == "reboot"
+    assert env_of(retry, "ORDER", "A_OK", "A_TRY", "B_OK", "B_TRY") == ("B A", "1", "0", "1", "0")
+    assert retry.journal["pending"]["version"] == "2.0.0"
+    assert retry.holds == {"A": None, "B": "2.0.0"}
+
+
+def test_e_gptprio_backend_writes_the_bits_cgpt_reads(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    run: GptPrio = scenario_runner.result("e", job("e", e2e_cache))
+    b1, b2 = run.node.boots
+    assert run.bits_before["A"] == {"priority": 1, "tries": 0, "successful": 1}
+    assert run.chosen == ["A", "B", "B"]
+
+    assert (b1.slot, b1.version) == ("A", "1.0.0"), b1.result.log_path
+    assert b1.health == "nothing"  # A is successful: nothing to commit
+    assert b1.install is not None and b1.install["slot"] == "B", b1.result.log_path
+    assert b1.result.exit_reason == "reboot"
+    # The agent in the guest wrote the bits: B next with one try, A the fallback.
+    assert b1.gpt["B"] == {"priority": 2, "tries": 1, "successful": 0}
+    assert b1.gpt["A"] == {"priority": 1, "tries": 0, "successful": 1}
+    assert b1.holds["B"] == "2.0.0"
+    # ... and not the grubenv: only GRUB's own try of A (forced by the host) is in it.
+    assert env_of(b1, "ORDER", "A_OK", "A_TRY", "B_OK") == ("A B", "1", "1", "0")
+
+    # The chooser spent B's try (1 -> 0); B's health check committed it.
+    assert (b2.slot, b2.version) == ("B", "2.0.0"), b2.result.log_path
+    assert b2.health == "committed"
+    assert b2.gpt["B"] == {"priority": 2, "tries": 0, "successful": 1}
+    assert b2.gpt["A"] == {"priority": 1, "tries": 0, "successful": 1}
+    assert b2.journal["pending"] is None
