@@ -449,7 +449,7 @@ class Agent:
         if result.passed:
             self.boot.set_state(booted, True)
             failpoint("committed")
-            self._save(self.journal().committed())
+            self._save(self.journal().with_good(version))
             log.info("slot %s (%s) passed its health checks: committed", booted, version)
             run_hook("post_commit", self.config.hooks.post_commit, self.config.hooks.timeout)
             return HealthOutcome("committed", booted, version, result.summary())

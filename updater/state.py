@@ -107,6 +107,12 @@ class Journal:
         """The pending slot passed its health checks and was marked good."""
         return replace(self, pending=None)
 
+    def with_good(self, version: str | None) -> Journal:
+        """`version` runs and passed its health checks: committed, and no longer failed
+        (an explicit `install --version` retry of a failed version that now works)."""
+        failed = {k: v for k, v in self.failed_versions.items() if k != version}
+        return replace(self, pending=None, failed_versions=_frozen(failed))
+
     def with_failed(self, version: str, reason: str, now: datetime | None = None) -> Journal:
         """`version` failed on this node (health checks, boot): never install it again."""
         failed = {k: v for k, v in self.failed_versions.items() if k != version}

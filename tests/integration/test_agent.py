@@ -204,3 +204,20 @@ def test_json_progress_and_daemon_once(node: Node) -> None:
     env = node.env()
     assert (env["ORDER"], env["A_OK"], env["A_TRY"]) == ("A B", "1", "0")
     assert node.holds("A", "1.0.0")  # 2.1.0 carries the 1.0.0 image bytes
+
+
+def test_explicit_retry_of_a_failed_version_reuses_the_slot_and_clears_the_failure(
+    node: Node,
+) -> None:
+    node.ok("install")
+    node.grub_boots("B")
+    (node.root / "unhealthy").touch()
+    assert node.run("health-check", booted="B").returncode == 5
+    (node.root / "unhealthy").unlink()
+    requests_before = len(node.server.requests)
+    retry = node.ok("install", "--version", "2.0.0", booted="A")
+    assert retry["reused"] and retry["slot"] == "B"  # read back and verified, not fetched
+    assert not any(r.path.endswith(".img.zst") for r in node.server.requests[requests_before:])
+    node.grub_boots("B")
+    assert node.ok("health-check", booted="B")["action"] == "committed"
+    assert node.ok("status", booted="B")["failed_versions"] == []

@@ -41,6 +41,15 @@ def test_transitions_are_pure_and_ordered() -> None:
     assert done.version_in("B") == "1.1.0"
 
 
+def test_with_good_commits_and_forgets_that_the_version_failed() -> None:
+    journal = installed().with_failed("1.1.0", "health checks failed", T0)
+    journal = journal.with_failed("1.0.9", "did not boot", T0).with_pending("B", "1.1.0", T0)
+    good = journal.with_good("1.1.0")
+    assert good.pending is None
+    assert sorted(good.failed_versions) == ["1.0.9"]
+    assert sorted(journal.failed_versions) == ["1.0.9", "1.1.0"]  # the original is untouched
+
+
 def test_pending_needs_the_version_installed_in_that_slot() -> None:
     with pytest.raises(ValueError, match=r"slot B holds nothing, not 2\.0"):
         Journal().with_pending("B", "2.0", T0)
