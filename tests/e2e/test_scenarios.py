@@ -133,7 +133,7 @@ def test_c_release_that_panics_falls_back_in_grub_and_the_agent_records_it(
     assert b1.result.exit_reason == "reboot" and b1.holds["B"] == "2.0.0"
 
     assert "ab-updater: booting slot B (ORDER=B A)" in b2.grub_said
-    assert "Kernel panic - not syncing" in b2.result.serial_log
+    assert "Kernel panic - not syncing: No working init found" in b2.result.serial_log
     assert b2.result.exit_reason == "panic" and b2.slot is None
     assert env_of(b2, "ORDER", "B_OK", "B_TRY") == ("B A", "1", "1")  # GRUB's try, spent
     assert b2.journal["pending"]["version"] == "2.0.0"  # nobody ran to change it
