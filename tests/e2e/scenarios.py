@@ -5,15 +5,19 @@ Shared by the scenario tests (tests/e2e/test_scenarios.py) and `make demo`
 the signed TUF repository its UPDATES disk carries; `Scenario.boot()` powers the node
 on once and returns a `Boot`: the facts read from that boot's serial console (which
 slot GRUB chose, which version came up, what the agent's health check decided, the
-`install --json` result) and from the disk after QEMU exited (the grubenv through
+`install --json` output) and from the disk after QEMU exited (the grubenv through
 `grub-editenv`, the agent's journal through `debugfs`, GPT bits through `cgpt`, slot
 contents by sha256).
+
+The scenarios: `HappyThenFailed` (a and b on one node, run lazily so a test or the
+demo runs only the boots it needs), `run_panic` (c), `run_power_cuts` (d),
+`run_gptprio` (e); `Runner` runs them in background threads, two QEMUs at a time.
 
 Invariants: nothing here decides an outcome - every fact comes from the console or
 from the disk image read by an independent tool after the guest stopped; a command
 runs in the guest only when a boot asks for it (python start-ups cost ~5 s under
-TCG); each boot's wall-clock time is printed as it ends. `HappyThenFailed` is the
-scenario a/b story, run lazily so a test (or the demo) runs only the boots it needs.
+TCG); each boot's wall-clock time is reported as it ends; the power cuts' seed is
+reported and replayable (`AB_E2E_SEED`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from tests.signing_helpers import ImageSpec, add_release, make_repo, publish
 
 HEALTH = "updater health-check"
 INSTALL = "updater --json install"
-STATUS = "updater --json status"
 SLOT_PARTITION = {"A": "root_a", "B": "root_b"}
 GPT_INDEX = {"A": 2, "B": 3}  # partition-layouts/grub-efi-ab.toml (and gptprio-ab.toml)
 HEALTH_LINE = re.compile(
@@ -319,12 +322,6 @@ class Scenario:
             return {}
         doc: dict[str, Any] = json.loads(out.stdout)
         return doc
-
-    def slot_holds(self, slot: str, image: Path) -> bool:
-        """Whether slot `slot` starts with exactly the bytes of `image` (sha256)."""
-        part = self.node.partitions()[SLOT_PARTITION[slot]]
-        size = image.stat().st_size
-        return sha256_file(self.node.disk, size, part.offset) == sha256_file(image)
 
     def slot_version(self, slot: str) -> str | None:
         """The published release whose raw image slot `slot` starts with, if any."""
