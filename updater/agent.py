@@ -295,6 +295,7 @@ class Agent:
         else:
             # Invalidate before a single byte is written (Bottlerocket's and RAUC's order).
             self.boot.set_state(inactive, False)
+            self._save(self.journal().with_invalidated(inactive))
             failpoint("invalidated")
             for role, image in sorted(chosen.images.items()):
                 target = self.targets[inactive][role]

@@ -94,6 +94,14 @@ class Journal:
         pending = None if self.pending and self.pending.slot == slot else self.pending
         return replace(self, slots=_frozen(slots), pending=pending)
 
+    def with_invalidated(self, slot: str) -> Journal:
+        """`slot` is about to be overwritten: it holds nothing verified until
+        `with_installed` (so a crash mid-write never leaves a record to activate)."""
+        _check_slot(slot)
+        slots = {k: v for k, v in self.slots.items() if k != slot}
+        pending = None if self.pending and self.pending.slot == slot else self.pending
+        return replace(self, slots=_frozen(slots), pending=pending)
+
     def with_pending(self, slot: str, version: str, now: datetime | None = None) -> Journal:
         """`slot`, holding `version`, is the bootloader's primary with one try."""
         _check_slot(slot)

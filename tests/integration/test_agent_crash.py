@@ -11,6 +11,7 @@ import json
 import pytest
 
 from tests.agentnode import Node, node
+from tests.signing_helpers import ImageSpec, add_release, publish
 from updater.agent import FAILPOINT_ENV, FAILPOINT_EXIT
 
 __all__ = ["node"]
@@ -32,6 +33,10 @@ def test_install_killed_at_each_step_converges(node: Node, step: str) -> None:
     done = node.run("install", env={FAILPOINT_ENV: step})
     assert done.returncode == FAILPOINT_EXIT, done.stderr
     bootable_slot_is_complete(node)
+    if step in ("invalidated", "written:root"):
+        # Nothing verified is on record for B: it cannot be activated by hand either.
+        refused = node.run("activate", "B")
+        assert refused.returncode == 3 and "holds no verified image" in refused.stderr
 
     again = node.ok("install")
     # Killed before the journal recorded the slot's version: written again; after it:
@@ -77,3 +82,17 @@ def test_rollback_killed_at_each_step_converges(node: Node, step: str) -> None:
     assert (env["A_OK"], env["B_OK"]) == ("1", "0")
     bootable_slot_is_complete(node)
     assert node.ok("status", booted="A")["failed_versions"] == ["2.0.0"]
+
+
+def test_overwriting_a_slot_forgets_what_it_held_before_the_first_byte(node: Node) -> None:
+    assert node.ok("install", "--no-activate")["slot"] == "B"  # B verified to hold 2.0.0
+    add_release(node.repo, [ImageSpec(node.images["1.0.0"], "2.1.0")])
+    publish(node.repo)
+    done = node.run("install", env={FAILPOINT_ENV: "written:root"})
+    assert done.returncode == FAILPOINT_EXIT, done.stderr
+    # B now holds 2.1.0 written but never recorded: neither 2.0.0 nor 2.1.0 may be activated.
+    refused = node.run("activate", "B")
+    assert refused.returncode == 3 and "holds no verified image" in refused.stderr
+    assert node.env()["B_OK"] == "0"
+    assert node.ok("install")["version"] == "2.1.0"
+    assert node.holds("B", "1.0.0")  # 2.1.0 carries the 1.0.0 image bytes

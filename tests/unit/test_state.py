@@ -50,6 +50,15 @@ def test_with_good_commits_and_forgets_that_the_version_failed() -> None:
     assert sorted(journal.failed_versions) == ["1.0.9", "1.1.0"]  # the original is untouched
 
 
+def test_with_invalidated_forgets_the_slot_and_its_pending_boot() -> None:
+    journal = installed().with_pending("B", "1.1.0", T0)
+    gone = journal.with_invalidated("B")
+    assert gone.version_in("B") is None and gone.pending is None
+    assert gone.version_in("A") == journal.version_in("A")
+    with pytest.raises(ValueError, match=r"slot B holds nothing"):
+        gone.with_pending("B", "1.1.0", T0)
+
+
 def test_pending_needs_the_version_installed_in_that_slot() -> None:
     with pytest.raises(ValueError, match=r"slot B holds nothing, not 2\.0"):
         Journal().with_pending("B", "2.0", T0)
