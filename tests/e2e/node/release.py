@@ -53,7 +53,7 @@ root = "root_a"
 root = "root_b"
 
 [health]
-deadline = 20
+deadline = 8
 interval = 1
 checks = [{{ command = ["/usr/libexec/e2e/health-check"], timeout = 10 }}]
 
