@@ -149,20 +149,12 @@ class RequestsFetcher(FetcherInterface):
     @staticmethod
     def _iter_response(resp: requests.Response, url: str, skip: int, size: int) -> Iterator[bytes]:
         try:
-            for chunk in resp.iter_content(size):
-                if skip:
-                    dropped = min(skip, len(chunk))
-                    skip -= dropped
-                    chunk = chunk[dropped:]
-                if chunk:
-                    yield chunk
+            yield from _skip_prefix(resp.iter_content(size), skip, url)
         except requests.RequestException as e:
             # Dropped connections, truncated bodies and read timeouts all land here.
             raise tuf_exc.DownloadError(f"connection lost while reading {url}: {e}") from e
         finally:
             resp.close()
-        if skip:
-            raise tuf_exc.DownloadError(f"{url} is shorter than the resume offset")
 
     @staticmethod
     def _fetch_file(url: str, split: parse.SplitResult, offset: int, size: int) -> Iterator[bytes]:
