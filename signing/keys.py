@@ -41,7 +41,7 @@ from securesystemslib.signer import (  # type: ignore[attr-defined]
 )
 
 from signing.errors import KeyFileError
-from updater.fsutil import atomic_write
+from updater.fsutil import atomic_write, makedirs_durable
 
 KEY_TYPES = ("ed25519", "ecdsa-p256", "rsa-3072")
 PASSPHRASE_ENV = "SIGN_RELEASE_PASSPHRASE"
@@ -73,8 +73,6 @@ def generate_key(path: Path, key_type: str, passphrase: bytes | None) -> SSlibKe
     for p in (path, pub_path):
         if p.exists():
             raise KeyFileError(f"{p}: already exists; refusing to overwrite a key")
-    if not path.parent.is_dir():
-        raise KeyFileError(f"{path}: directory {path.parent} does not exist")
     private: PrivateKeyTypes
     if key_type == "ed25519":
         private = ed25519.Ed25519PrivateKey.generate()
@@ -95,6 +93,16 @@ def generate_key(path: Path, key_type: str, passphrase: bytes | None) -> SSlibKe
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     key = SSlibKey.from_crypto(private.public_key(), scheme=_scheme_for(private))
+    if path.parent.exists() and not path.parent.is_dir():
+        raise KeyFileError(f"{path}: {path.parent} is not a directory")
+    if not path.parent.exists():
+        # `sign-release keygen keys/root` in an empty directory: a key directory is
+        # private (0700), like ~/.ssh.
+        try:
+            makedirs_durable(path.parent)
+            os.chmod(path.parent, 0o700)
+        except OSError as e:
+            raise KeyFileError(f"{path}: cannot create {path.parent}: {e.strerror}") from e
     # Public key first: a crash between the two writes leaves no orphan secret.
     write_public_key(pub_path, key)
     atomic_write(path, pem, mode=0o600)

@@ -66,10 +66,18 @@ def test_refuses_to_overwrite_or_misplace(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="already exists"):
         generate_key(tmp_path / "k", "ed25519", None)
     assert (tmp_path / "k").read_bytes() == before
-    with pytest.raises(KeyFileError, match="does not exist"):
-        generate_key(tmp_path / "no" / "k", "ed25519", None)
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(KeyFileError, match="is not a directory"):
+        generate_key(tmp_path / "file" / "k", "ed25519", None)
     with pytest.raises(KeyFileError, match="unknown key type"):
         generate_key(tmp_path / "x", "dsa", None)
+
+
+def test_a_missing_key_directory_is_created_private(tmp_path: Path) -> None:
+    generate_key(tmp_path / "keys" / "root", "ed25519", None)
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "keys" / "root").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "keys" / "root.pub").exists()
 
 
 def test_public_and_private_files_are_told_apart(tmp_path: Path) -> None:
