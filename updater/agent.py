@@ -216,33 +216,35 @@ class Agent:
     def find_update(
         self,
         repo: Repository,
+        journal: Journal,
         *,
         want_version: str | None = None,
         force: bool = False,
     ) -> release.Release | None:
-        journal = self.journal()
-        repo.refresh()
-        chosen = release.select(
-            repo.targets(),
-            hardware=self.config.device.hardware,
-            channel=self.config.device.channel,
-            installed_version=self.installed_version(journal),
-            failed_versions=list(journal.failed_versions),
-            want_version=want_version,
-            force=force,
-        )
-        if chosen is not None:
-            release.check_roles(chosen, self.config.roles)
+        """Refresh `repo` and select the release for this node; the check's outcome
+        (None or its one-line error) is saved in the journal either way."""
+        try:
+            repo.refresh()
+            chosen = release.select(
+                repo.targets(),
+                hardware=self.config.device.hardware,
+                channel=self.config.device.channel,
+                installed_version=self.installed_version(journal),
+                failed_versions=list(journal.failed_versions),
+                want_version=want_version,
+                force=force,
+            )
+            if chosen is not None:
+                release.check_roles(chosen, self.config.roles)
+        except UpdaterError as e:
+            self._save(journal.with_check(str(e)))
+            raise
+        self._save(journal.with_check(None))
         return chosen
 
     def check(self, source: Path | None = None) -> dict[str, Any]:
         journal = self.journal()
-        try:
-            chosen = self.find_update(self.repository(source))
-        except UpdaterError as e:
-            self._save(journal.with_check(str(e)))
-            raise
-        self._save(self.journal().with_check(None))
+        chosen = self.find_update(self.repository(source), journal)
         return {
             "update_available": chosen is not None,
             "current_version": self.installed_version(journal),
@@ -275,12 +277,7 @@ class Agent:
             )
         guard = install.SlotGuard(self.targets[booted].values())
         repo = self.repository(source)
-        try:
-            chosen = self.find_update(repo, want_version=version, force=force)
-        except UpdaterError as e:
-            self._save(self.journal().with_check(str(e)))
-            raise
-        self._save(self.journal().with_check(None))
+        chosen = self.find_update(repo, journal, want_version=version, force=force)
         if chosen is None:
             log.info("no update: slot %s runs the newest release for this node", booted)
             return InstallResult(version=None)
