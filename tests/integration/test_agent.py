@@ -221,3 +221,14 @@ def test_explicit_retry_of_a_failed_version_reuses_the_slot_and_clears_the_failu
     node.grub_boots("B")
     assert node.ok("health-check", booted="B")["action"] == "committed"
     assert node.ok("status", booted="B")["failed_versions"] == []
+
+
+def test_json_after_the_command_means_the_same(node: Node) -> None:
+    node.write_config("A")
+    done = subprocess.run(
+        [BIN / "updater", "--config", node.config, "status", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == node.ok("status")

@@ -31,6 +31,22 @@ from_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="A mounted medium holding a repository (metadata/ and targets/).",
 )
+
+
+def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.find_root().obj["json"] = True
+    return value
+
+
+# `updater status --json` means the same as `updater --json status`.
+json_option = click.option(
+    "--json",
+    is_flag=True,
+    expose_value=False,
+    callback=_set_json,
+    help="Print machine-readable JSON (same as `updater --json`).",
+)
 reboot_option = click.option(
     "--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards."
 )
@@ -230,4 +246,17 @@ def daemon(ctx: click.Context, once: bool) -> None:
     _agent(ctx).daemon(once=once)
 
 
-COMMANDS = [status, check, install, activate, rollback, mark_good, mark_bad, health_check, daemon]
+COMMANDS = [
+    json_option(command)
+    for command in (
+        status,
+        check,
+        install,
+        activate,
+        rollback,
+        mark_good,
+        mark_bad,
+        health_check,
+        daemon,
+    )
+]
