@@ -181,7 +181,9 @@ def run(size_mib: int, work: Path, seed: int, runs: int) -> dict[str, Any]:
     children = [
         subprocess.Popen(
             [sys.executable, __file__, "--child"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(runs)
     ]

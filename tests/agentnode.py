@@ -151,5 +151,3 @@ def node(tmp_path: Path) -> Iterator[Node]:
         made = Node(tmp_path, disk, grubenv, server, repo, images=images)
         made.write_slot("A", images["1.0.0"])
         yield made
-
-

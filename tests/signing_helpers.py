@@ -52,8 +52,9 @@ class ImageSpec:
     compression: str = "zstd"  # zstd, xz, gzip or none
 
     def release(self) -> ops.Release:
-        return ops.Release(self.path, self.version, tuple(self.hardware), self.role,
-                           self.channel, self.compression)
+        return ops.Release(
+            self.path, self.version, tuple(self.hardware), self.role, self.channel, self.compression
+        )
 
 
 def add_release(repo: Path, images: Sequence[ImageSpec]) -> list[str]:
@@ -73,8 +74,9 @@ def publish(repo: Path, expires: Mapping[str, int] | None = None) -> dict[str, i
     return result.versions
 
 
-def make_repo(dest: Path, images: Sequence[ImageSpec] = (),
-              expires: Mapping[str, int] | None = None) -> Path:
+def make_repo(
+    dest: Path, images: Sequence[ImageSpec] = (), expires: Mapping[str, int] | None = None
+) -> Path:
     """Create a published repository at `dest` (absent or empty) holding `images`."""
     create.init_from_root(dest, ROOT_JSON)
     add_release(dest, images)
@@ -128,8 +130,9 @@ def serve(directory: Path) -> Iterator[str]:
         thread.join()
 
 
-def ngclient_fetch_all(base_url: str, metadata_dir: Path, root_json: Path | None = None
-                       ) -> dict[str, Path]:
+def ngclient_fetch_all(
+    base_url: str, metadata_dir: Path, root_json: Path | None = None
+) -> dict[str, Path]:
     """A fresh (or, when `metadata_dir` already holds a root.json, a returning) python-tuf
     ngclient refreshes the repository at `base_url` and downloads every target, which
     ngclient verifies against the signed length and hashes. Returns {path: file}.
@@ -138,8 +141,13 @@ def ngclient_fetch_all(base_url: str, metadata_dir: Path, root_json: Path | None
     target_dir = metadata_dir.parent / (metadata_dir.name + "-targets")
     target_dir.mkdir(exist_ok=True)
     bootstrap = root_json.read_bytes() if root_json is not None else None
-    updater = Updater(str(metadata_dir), f"{base_url}/metadata/", str(target_dir),
-                      f"{base_url}/targets/", bootstrap=bootstrap)
+    updater = Updater(
+        str(metadata_dir),
+        f"{base_url}/metadata/",
+        str(target_dir),
+        f"{base_url}/targets/",
+        bootstrap=bootstrap,
+    )
     updater.refresh()
     targets: Metadata[Targets] = Metadata.from_file(str(metadata_dir / "targets.json"))
     files: dict[str, Path] = {}

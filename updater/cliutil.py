@@ -26,9 +26,7 @@ class ErrorHandlingGroup(click.Group):
             prog = root.info_name or "updater"
             obj = root.obj if isinstance(root.obj, dict) else {}
             if obj.get("json"):
-                click.echo(
-                    json.dumps({"error": str(err), "kind": type(err).__name__}), err=False
-                )
+                click.echo(json.dumps({"error": str(err), "kind": type(err).__name__}), err=False)
             click.echo(f"{prog}: error: {err}", err=True)
             ctx.exit(err.exit_code)
 

@@ -62,10 +62,7 @@ class HealthResult:
         if self.passed:
             return f"{len(self.outcomes)} health checks passed (round {self.rounds})"
         failing = "; ".join(o.describe() for o in self.outcomes if not o.passed)
-        return (
-            f"health checks failed after {self.rounds} rounds in {self.elapsed:.0f}s: "
-            f"{failing}"
-        )
+        return f"health checks failed after {self.rounds} rounds in {self.elapsed:.0f}s: {failing}"
 
 
 def _tail(data: bytes) -> str:

@@ -198,17 +198,14 @@ def _open_for_writing(guard: SlotGuard, target: PartitionTarget) -> int:
 
 def _check_args(target: PartitionTarget, compression: str, raw_length: int, sha: str) -> None:
     if compression not in COMPRESSIONS:
-        raise ImageRejected(
-            f"image for {target.describe()}: unknown compression {compression!r}"
-        )
+        raise ImageRejected(f"image for {target.describe()}: unknown compression {compression!r}")
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise ImageRejected(f"image for {target.describe()}: raw_sha256 {sha!r} is not a sha256")
     if raw_length <= 0:
         raise ImageRejected(f"image for {target.describe()}: raw_length {raw_length} <= 0")
     if raw_length > target.size:
         raise ImageRejected(
-            f"image of {raw_length} bytes does not fit {target.describe()}"
-            f" of {target.size} bytes"
+            f"image of {raw_length} bytes does not fit {target.describe()} of {target.size} bytes"
         )
 
 
@@ -243,8 +240,7 @@ def write_image(
         source.close()
     if got_sha != raw_sha256:
         raise ImageRejected(
-            f"image written to {target.describe()} has raw sha256 {got_sha},"
-            f" expected {raw_sha256}"
+            f"image written to {target.describe()} has raw sha256 {got_sha}, expected {raw_sha256}"
         )
     written = time.monotonic()
     read_back_verify(target, raw_length, raw_sha256)

@@ -18,7 +18,9 @@ from updater.cliutil import ErrorHandlingGroup, echo_json
 from updater.mirror_serve import make_server
 
 _root_option = click.option(
-    "--root", "trusted_root", required=True,
+    "--root",
+    "trusted_root",
+    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The trusted root.json (the one the nodes ship).",
 )
@@ -36,16 +38,23 @@ def cli(ctx: click.Context, as_json: bool) -> None:
 def _expiry_lines(expiry: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for role, e in expiry.items():
-        warn = "  EXPIRED" if e["days_left"] <= 0 else ("  (expires soon)"
-                                                         if e["days_left"] < 2 else "")
-        lines.append(f"  {role:10} v{e['version']:<5} {e['days_left']:>7} days left "
-                     f"(expires {e['expires']}){warn}")
+        warn = (
+            "  EXPIRED"
+            if e["days_left"] <= 0
+            else ("  (expires soon)" if e["days_left"] < 2 else "")
+        )
+        lines.append(
+            f"  {role:10} v{e['version']:<5} {e['days_left']:>7} days left "
+            f"(expires {e['expires']}){warn}"
+        )
     return lines
 
 
 def _release_lines(rows: list[dict[str, Any]]) -> list[str]:
-    return [f"  {r['hardware']:16} {r['channel']:10} {r['version']:12} "
-            f"{', '.join(sorted(r['images']))}" for r in rows]
+    return [
+        f"  {r['hardware']:16} {r['channel']:10} {r['version']:12} {', '.join(sorted(r['images']))}"
+        for r in rows
+    ]
 
 
 def _emit(ctx: click.Context, data: dict[str, Any], lines: list[str]) -> None:
@@ -64,18 +73,36 @@ def _emit(ctx: click.Context, data: dict[str, Any], lines: list[str]) -> None:
 @click.option("--channel", help="Mirror only this channel.")
 @click.option("--keep", type=int, help="Keep the N newest releases per hardware/role.")
 @click.pass_context
-def sync(ctx: click.Context, metadata_url: str, targets_url: str, directory: Path,
-         trusted_root: Path, hardware: tuple[str, ...], channel: str | None,
-         keep: int | None) -> None:
+def sync(
+    ctx: click.Context,
+    metadata_url: str,
+    targets_url: str,
+    directory: Path,
+    trusted_root: Path,
+    hardware: tuple[str, ...],
+    channel: str | None,
+    keep: int | None,
+) -> None:
     """Verify upstream as a node would and publish what is new, atomically."""
-    result = mirror.sync(metadata_url, targets_url, directory, trusted_root,
-                         hardware=hardware, channel=channel, keep=keep)
-    lines = [f"published state {result.state} in {directory}: "
-             f"{len(result.downloaded)} image(s) downloaded "
-             f"({result.bytes_downloaded} bytes), {len(result.reused)} already present, "
-             f"{len(result.removed_objects)} removed",
-             "releases:", *_release_lines(result.releases),
-             "expiry:", *_expiry_lines(result.expiry)]
+    result = mirror.sync(
+        metadata_url,
+        targets_url,
+        directory,
+        trusted_root,
+        hardware=hardware,
+        channel=channel,
+        keep=keep,
+    )
+    lines = [
+        f"published state {result.state} in {directory}: "
+        f"{len(result.downloaded)} image(s) downloaded "
+        f"({result.bytes_downloaded} bytes), {len(result.reused)} already present, "
+        f"{len(result.removed_objects)} removed",
+        "releases:",
+        *_release_lines(result.releases),
+        "expiry:",
+        *_expiry_lines(result.expiry),
+    ]
     _emit(ctx, result.to_json(), lines)
 
 
@@ -86,9 +113,13 @@ def sync(ctx: click.Context, metadata_url: str, targets_url: str, directory: Pat
 def verify(ctx: click.Context, directory: Path, trusted_root: Path) -> None:
     """Verify the served state from TRUSTED root, as a node would (metadata and images)."""
     data = mirror.verify(directory, trusted_root)
-    lines = [f"state {data['state']} verifies: {data['images_verified']} image(s)",
-             "releases:", *_release_lines(data["releases"]),
-             "expiry:", *_expiry_lines(data["expiry"])]
+    lines = [
+        f"state {data['state']} verifies: {data['images_verified']} image(s)",
+        "releases:",
+        *_release_lines(data["releases"]),
+        "expiry:",
+        *_expiry_lines(data["expiry"]),
+    ]
     _emit(ctx, data, lines)
 
 
@@ -98,9 +129,13 @@ def verify(ctx: click.Context, directory: Path, trusted_root: Path) -> None:
 def status(ctx: click.Context, directory: Path) -> None:
     """Show the served state, its releases and each role's days left (no verification)."""
     data = mirror.status(directory)
-    lines = [f"state {data['state']} synced {data['synced_at']} from {data['upstream']}",
-             "releases:", *_release_lines(data["releases"]),
-             "expiry:", *_expiry_lines(data["expiry"])]
+    lines = [
+        f"state {data['state']} synced {data['synced_at']} from {data['upstream']}",
+        "releases:",
+        *_release_lines(data["releases"]),
+        "expiry:",
+        *_expiry_lines(data["expiry"]),
+    ]
     _emit(ctx, data, lines)
 
 
@@ -110,14 +145,19 @@ def status(ctx: click.Context, directory: Path) -> None:
 @click.option("--hardware", help="Export only this hardware's images.")
 @click.option("--version", "version", help="Export only this release version.")
 @click.pass_context
-def export(ctx: click.Context, directory: Path, dest: Path, hardware: str | None,
-           version: str | None) -> None:
+def export(
+    ctx: click.Context, directory: Path, dest: Path, hardware: str | None, version: str | None
+) -> None:
     """Write a self-contained repository (metadata, images, README) to DEST."""
     data = mirror.export(directory, dest, hardware, version)
-    lines = [f"exported {len(data['releases'])} release(s), {data['bytes']} bytes of "
-             f"images, to {dest}", "releases:", *_release_lines(data["releases"]),
-             "expiry:", *_expiry_lines(data["expiry"]),
-             f"on a node: updater install --from {dest}"]
+    lines = [
+        f"exported {len(data['releases'])} release(s), {data['bytes']} bytes of images, to {dest}",
+        "releases:",
+        *_release_lines(data["releases"]),
+        "expiry:",
+        *_expiry_lines(data["expiry"]),
+        f"on a node: updater install --from {dest}",
+    ]
     _emit(ctx, data, lines)
 
 

@@ -148,9 +148,7 @@ def _parse_custom(path: str, target: TargetFile) -> _Entry:
     version = parse_version(version_text)
     hardware = rel.get("hardware")
     if not (
-        isinstance(hardware, list)
-        and hardware
-        and all(isinstance(h, str) and h for h in hardware)
+        isinstance(hardware, list) and hardware and all(isinstance(h, str) and h for h in hardware)
     ):
         raise ValueError("hardware is not a non-empty list of strings")
     channel, role = rel.get("channel"), rel.get("role")
@@ -192,7 +190,10 @@ def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> 
         if entry.image.role in images:
             logger.warning(
                 "skipping version %s: two images for role %s (%s, %s)",
-                entry.version, entry.image.role, images[entry.image.role].path, path,
+                entry.version,
+                entry.image.role,
+                images[entry.image.role].path,
+                path,
             )
             ambiguous.add(entry.version)
         images[entry.image.role] = entry.image

@@ -30,8 +30,16 @@ SLOTS = {"A": {"root": "root_a"}, "B": {"root": "root_b"}}
 
 
 def lay_out(disk: Path) -> None:
-    run_tool("sgdisk", "-n1:2048:+1M", "-c1:esp", "-n2:0:+8M", "-c2:root_a",
-             "-n3:0:+8M", "-c3:root_b", disk)
+    run_tool(
+        "sgdisk",
+        "-n1:2048:+1M",
+        "-c1:esp",
+        "-n2:0:+8M",
+        "-c2:root_a",
+        "-n3:0:+8M",
+        "-c3:root_b",
+        disk,
+    )
 
 
 def attach(image: Path, *, partitions: bool) -> Iterator[Path]:
@@ -88,8 +96,10 @@ def test_partition_nodes_are_used_on_a_block_device(
     st = os.stat(root_b.path)
     devnum = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     mountinfo = f"27 1 {devnum} / / rw - ext4 {root_b.path} rw\n"
-    numbers = {t.path: partition_nodes(device)[n].devnum
-               for n, t in ((2, targets["A"]["root"]), (3, root_b))}
+    numbers = {
+        t.path: partition_nodes(device)[n].devnum
+        for n, t in ((2, targets["A"]["root"]), (3, root_b))
+    }
     assert numbers[root_b.path] == devnum
     assert detect_booted_slot("ro", mountinfo, targets, device_numbers=numbers) == "B"
 
@@ -105,7 +115,9 @@ def test_without_partition_nodes_the_whole_device_is_addressed(
         target = targets[slot]["root"]
         assert target.path == device
         assert (target.offset, target.size) == (
-            image_targets[slot]["root"].offset, image_targets[slot]["root"].size)
+            image_targets[slot]["root"].offset,
+            image_targets[slot]["root"].size,
+        )
     write_through(targets["A"]["root"], b"slot-A-end")
     with sparse_disk.open("rb") as f:
         f.seek(image_targets["A"]["root"].offset + image_targets["A"]["root"].size - 10)

@@ -63,13 +63,51 @@ def test_sgdisk_made_disk_is_read_exactly_and_rebuilt_byte_for_byte(
     guids = [uuid.uuid4() for _ in range(4)]
     disk_guid = uuid.uuid4()
     run_tool(
-        "sgdisk", "-U", str(disk_guid),
-        "-n", "1:2048:+8M", "-t", "1:ef00", "-c", "1:EFI system", "-u", f"1:{guids[0]}",
-        "-n", "2:0:+16M", "-t", "2:8304", "-c", "2:root_a", "-u", f"2:{guids[1]}",
-        "-A", "2:set:48", "-A", "2:set:50", "-A", "2:set:56",
-        "-n", "3:0:+16M", "-t", "3:8304", "-c", "3:root_b ü", "-u", f"3:{guids[2]}",
-        "-A", "3:set:53", "-A", "3:set:0",
-        "-n", "5:0:0", "-t", "5:8300", "-c", "5:data", "-u", f"5:{guids[3]}",
+        "sgdisk",
+        "-U",
+        str(disk_guid),
+        "-n",
+        "1:2048:+8M",
+        "-t",
+        "1:ef00",
+        "-c",
+        "1:EFI system",
+        "-u",
+        f"1:{guids[0]}",
+        "-n",
+        "2:0:+16M",
+        "-t",
+        "2:8304",
+        "-c",
+        "2:root_a",
+        "-u",
+        f"2:{guids[1]}",
+        "-A",
+        "2:set:48",
+        "-A",
+        "2:set:50",
+        "-A",
+        "2:set:56",
+        "-n",
+        "3:0:+16M",
+        "-t",
+        "3:8304",
+        "-c",
+        "3:root_b ü",
+        "-u",
+        f"3:{guids[2]}",
+        "-A",
+        "3:set:53",
+        "-A",
+        "3:set:0",
+        "-n",
+        "5:0:0",
+        "-t",
+        "5:8300",
+        "-c",
+        "5:data",
+        "-u",
+        f"5:{guids[3]}",
         sparse_disk,
     )
     disk = gpt.read_gpt(sparse_disk)
@@ -92,8 +130,9 @@ def test_sgdisk_made_disk_is_read_exactly_and_rebuilt_byte_for_byte(
 
 
 def test_cgpt_attributes_are_read_exactly(sparse_disk: Path) -> None:
-    run_tool("sgdisk", "-n", "1:0:+8M", "-c", "1:root_a", "-n", "2:0:+8M", "-c", "2:root_b",
-             sparse_disk)
+    run_tool(
+        "sgdisk", "-n", "1:0:+8M", "-c", "1:root_a", "-n", "2:0:+8M", "-c", "2:root_b", sparse_disk
+    )
     run_tool("cgpt", "add", "-i", "1", "-P", "7", "-T", "0", "-S", "1", sparse_disk)
     run_tool("cgpt", "add", "-i", "2", "-P", "15", "-T", "9", "-S", "0", sparse_disk)
     disk = gpt.read_gpt(sparse_disk)
@@ -111,20 +150,23 @@ def _cgpt_bits(path: Path, number: int) -> tuple[int, int, int]:
 
 
 def test_attributes_we_write_are_read_exactly_by_cgpt(sparse_disk: Path) -> None:
-    run_tool("sgdisk", "-n", "1:0:+8M", "-c", "1:root_a", "-n", "2:0:+8M", "-c", "2:root_b",
-             sparse_disk)
+    run_tool(
+        "sgdisk", "-n", "1:0:+8M", "-c", "1:root_a", "-n", "2:0:+8M", "-c", "2:root_b", sparse_disk
+    )
     disk = gpt.read_gpt(sparse_disk)
     for prio, tries, ok in ((2, 1, False), (0, 0, False), (15, 15, True), (1, 0, True)):
-        disk = disk.replace(disk.find("root_b").with_boot_attrs(
-            priority=prio, tries=tries, successful=ok))
+        disk = disk.replace(
+            disk.find("root_b").with_boot_attrs(priority=prio, tries=tries, successful=ok)
+        )
         gpt.write_gpt(sparse_disk, disk)
         assert _cgpt_bits(sparse_disk, 2) == (prio, tries, int(ok))
         assert _cgpt_bits(sparse_disk, 1) == (0, 0, 0)
         _sgdisk_clean(sparse_disk)
 
 
-@pytest.mark.parametrize("where", ["primary header", "primary entries", "backup header",
-                                   "backup entries"])
+@pytest.mark.parametrize(
+    "where", ["primary header", "primary entries", "backup header", "backup entries"]
+)
 def test_damage_found_and_repaired_to_sgdisk_clean(tmp_path: Path, where: str) -> None:
     path = tmp_path / "disk.img"
     disk, _ = apply_layout(load_layout(LAYOUTS / "grub-efi-ab.toml"), path, size=GIB)
@@ -154,8 +196,7 @@ def test_apply_and_show_on_a_real_loop_device(sparse_disk: Path) -> None:
     assert os.geteuid() == 0, "loop devices need root"
     with sparse_disk.open("r+b") as f:
         f.truncate(GIB)
-    dev = Path(run_tool("losetup", "--find", "--show", "--partscan", sparse_disk)
-               .stdout.strip())
+    dev = Path(run_tool("losetup", "--find", "--show", "--partscan", sparse_disk).stdout.strip())
     try:
         disk, notes = apply_layout(load_layout(LAYOUTS / "gptprio-ab.toml"), dev)
         assert notes == []  # BLKRRPART worked
@@ -175,25 +216,35 @@ def test_apply_and_show_on_a_real_loop_device(sparse_disk: Path) -> None:
         finally:
             os.close(holder)
         apply_layout(load_layout(LAYOUTS / "grub-efi-ab.toml"), dev, force=True)
-        assert [p.name for p in gpt.read_gpt(dev).partitions] == [
-            "esp", "root_a", "root_b", "data"]
+        assert [p.name for p in gpt.read_gpt(dev).partitions] == ["esp", "root_a", "root_b", "data"]
     finally:
         run_tool("losetup", "--detach", dev)
     _sgdisk_clean(sparse_disk)
 
 
 def test_uncommon_entry_count_is_kept_and_edits_stay_sgdisk_clean(sparse_disk: Path) -> None:
-    run_tool("sgdisk", "--resize-table=256", "-n", "1:0:+8M", "-c", "1:root_a",
-             "-n", "2:0:+8M", "-c", "2:root_b", sparse_disk)
+    run_tool(
+        "sgdisk",
+        "--resize-table=256",
+        "-n",
+        "1:0:+8M",
+        "-c",
+        "1:root_a",
+        "-n",
+        "2:0:+8M",
+        "-c",
+        "2:root_b",
+        sparse_disk,
+    )
     disk = gpt.read_gpt(sparse_disk)
     assert (disk.num_entries, disk.first_usable_lba, disk.damaged) == (256, 66, [])
     raw = _metadata(sparse_disk)
     rebuilt = gpt.build_tables(disk)
     assert raw[: 66 * 512] == b"".join(
-        rebuilt[k][1] for k in ("mbr", "primary header", "primary entries"))
+        rebuilt[k][1] for k in ("mbr", "primary header", "primary entries")
+    )
     gpt.write_gpt(sparse_disk, disk.replace(disk.find("root_a").with_boot_attrs(tries=4)))
     _sgdisk_clean(sparse_disk)
     # (cgpt refuses tables of other than 128 entries, even sgdisk's; ask sfdisk.)
     assert _sfdisk(sparse_disk)[0]["attrs"] == "GUID:54"  # tries=4: bit 52+2
-    assert "Partition table holds up to 256 entries" in run_tool(
-        "sgdisk", "-p", sparse_disk).stdout
+    assert "Partition table holds up to 256 entries" in run_tool("sgdisk", "-p", sparse_disk).stdout

@@ -159,7 +159,6 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     yield Machine(disk=disk, vars_template=vars_template, work=work)
 
 
-
 def _lines(console: str) -> list[str]:
     """The script's console lines, without the firmware's colour escapes."""
     text = re.sub(r"\x1b\[[0-9;=]*[A-Za-z]", "", console)

@@ -20,13 +20,23 @@ from updater.disk import gpt
 LAYOUTS = Path(__file__).resolve().parents[2] / "partition-layouts"
 UPDATER = Path(sys.executable).parent / "updater"
 GIB = 1 << 30
-JSON_KEYS = {"number", "name", "type_guid", "unique_guid", "first_lba", "last_lba",
-             "size_bytes", "priority", "tries", "successful", "attributes"}
+JSON_KEYS = {
+    "number",
+    "name",
+    "type_guid",
+    "unique_guid",
+    "first_lba",
+    "last_lba",
+    "size_bytes",
+    "priority",
+    "tries",
+    "successful",
+    "attributes",
+}
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([UPDATER, *map(str, args)], capture_output=True, text=True,
-                          check=False)
+    return subprocess.run([UPDATER, *map(str, args)], capture_output=True, text=True, check=False)
 
 
 def _digest(path: Path) -> str:
@@ -89,17 +99,20 @@ def test_apply_show_repair_through_the_console_script(tmp_path: Path) -> None:
 def test_existing_table_is_refused_without_force(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     runner = CliRunner()
-    first = runner.invoke(cli, ["layout", "apply", str(LAYOUTS / "grub-efi-ab.toml"), str(disk),
-                                "--size", "1G"])
+    first = runner.invoke(
+        cli, ["layout", "apply", str(LAYOUTS / "grub-efi-ab.toml"), str(disk), "--size", "1G"]
+    )
     assert first.exit_code == 0, first.output
     before = _digest(disk)
     again = _run("layout", "apply", LAYOUTS / "gptprio-ab.toml", disk)
     assert again.returncode != 0
-    assert again.stderr == f"updater: error: {disk}: already holds a GPT (use --force to " \
-                           "overwrite)\n"
+    assert (
+        again.stderr == f"updater: error: {disk}: already holds a GPT (use --force to overwrite)\n"
+    )
     assert _digest(disk) == before
-    forced = runner.invoke(cli, ["layout", "apply", str(LAYOUTS / "gptprio-ab.toml"),
-                                 str(disk), "--force"])
+    forced = runner.invoke(
+        cli, ["layout", "apply", str(LAYOUTS / "gptprio-ab.toml"), str(disk), "--force"]
+    )
     assert forced.exit_code == 0, forced.output
     assert gpt.read_gpt(disk).find("root_a").successful
 
@@ -108,8 +121,13 @@ def test_mbr_disk_is_refused_without_force(tmp_path: Path) -> None:
     disk = tmp_path / "mbr.img"
     with disk.open("wb") as f:
         f.truncate(GIB)
-    subprocess.run([run_tool("sfdisk", "--version").args[0], "-q", str(disk)],
-                   input="label: dos\n,100M\n", text=True, check=True, capture_output=True)
+    subprocess.run(
+        [run_tool("sfdisk", "--version").args[0], "-q", str(disk)],
+        input="label: dos\n,100M\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     before = _digest(disk)
     out = _run("layout", "apply", LAYOUTS / "grub-efi-ab.toml", disk)
     assert out.returncode != 0 and "already holds an MBR partition table" in out.stderr
@@ -121,11 +139,15 @@ BAD = {
     "unknown alias": (PART.format("a", "root-sparc", "1M"), "partition 1 ('a').type"),
     "duplicate name": (PART.format("a", "esp", "1M") * 2, "partition 2 ('a').name"),
     "missing field": ('[[partition]]\nname = "a"\ntype = "esp"\n', "partition 1.size"),
-    "rest not last": (PART.format("a", "esp", "rest") + PART.format("b", "esp", "1M"),
-                      "partition 1 ('a').size"),
+    "rest not last": (
+        PART.format("a", "esp", "rest") + PART.format("b", "esp", "1M"),
+        "partition 1 ('a').size",
+    ),
     "bad size": (PART.format("a", "esp", "lots"), "partition 1 ('a').size"),
-    "oversized": (PART.format("a", "esp", "900M") + PART.format("b", "var", "200M"),
-                  "partition 2 ('b').size: does not fit"),
+    "oversized": (
+        PART.format("a", "esp", "900M") + PART.format("b", "var", "200M"),
+        "partition 2 ('b').size: does not fit",
+    ),
 }
 
 
@@ -150,7 +172,8 @@ def test_bad_layout_fails_cleanly_and_touches_nothing(
     assert "Traceback" not in out.stderr
     assert _digest(disk) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["bad.toml"] + (["disk.img"] if existing else []))
+        ["bad.toml"] + (["disk.img"] if existing else [])
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,10 +183,14 @@ def test_bad_layout_fails_cleanly_and_touches_nothing(
         (["layout", "show", "{tmp}/zeros.img"], "no valid GPT"),
         (["layout", "repair", "{tmp}/zeros.img"], "no valid GPT"),
         (["layout", "apply", "{layouts}/grub-efi-ab.toml", "{tmp}/new.img"], "give --size"),
-        (["layout", "apply", "{layouts}/grub-efi-ab.toml", "{tmp}/new.img", "--size", "1X"],
-         "--size: bad size"),
-        (["layout", "apply", "{layouts}/grub-efi-ab.toml", "{tmp}/zeros.img", "--size", "1M"],
-         "refusing to shrink"),
+        (
+            ["layout", "apply", "{layouts}/grub-efi-ab.toml", "{tmp}/new.img", "--size", "1X"],
+            "--size: bad size",
+        ),
+        (
+            ["layout", "apply", "{layouts}/grub-efi-ab.toml", "{tmp}/zeros.img", "--size", "1M"],
+            "refusing to shrink",
+        ),
     ],
 )
 def test_environment_errors_are_one_line(tmp_path: Path, argv: list[str], message: str) -> None:

@@ -46,8 +46,9 @@ def via(n: Node, url: str) -> MirrorNode:
 
 
 def sync(n: Node, mdir: Path, **kw: object) -> mirror.SyncResult:
-    return mirror.sync(f"{n.server.url}/metadata", f"{n.server.url}/targets", mdir,
-                       ROOT_JSON, backoff=0.0, **kw)  # type: ignore[arg-type]
+    return mirror.sync(
+        f"{n.server.url}/metadata", f"{n.server.url}/targets", mdir, ROOT_JSON, backoff=0.0, **kw
+    )  # type: ignore[arg-type]
 
 
 def new_release(n: Node, version: str) -> None:
@@ -63,7 +64,9 @@ def serving(mdir: Path) -> Iterator[str]:
     """`update-mirror serve` as a real process on an ephemeral 127.0.0.1 port."""
     proc = subprocess.Popen(
         [str(BIN / "update-mirror"), "serve", str(mdir), "--bind", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -86,7 +89,8 @@ def nginx_server_block(mdir: Path, port: int) -> str:
     block = DOCS.read_text().split("```nginx\n", 1)[1].split("```", 1)[0]
     assert "root /srv/mirror/current;" in block and "listen 8080;" in block
     return block.replace("/srv/mirror", str(mdir)).replace(
-        "listen 8080;", f"listen 127.0.0.1:{port};")
+        "listen 8080;", f"listen 127.0.0.1:{port};"
+    )
 
 
 @contextlib.contextmanager
@@ -94,8 +98,10 @@ def nginx(mdir: Path, work: Path) -> Iterator[str]:
     binary = require_tool("nginx")
     work.mkdir()
     port = free_port()
-    temp = "\n".join(f"    {k}_temp_path {work}/{k};"
-                     for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(
+        f"    {k}_temp_path {work}/{k};"
+        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     (work / "nginx.conf").write_text(f"""
 user root;
 worker_processes 1;
@@ -109,9 +115,11 @@ http {{
 {nginx_server_block(mdir, port)}
 }}
 """)
-    proc = subprocess.Popen([binary, "-p", str(work), "-c", str(work / "nginx.conf"),
-                             "-e", str(work / "error.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [binary, "-p", str(work), "-c", str(work / "nginx.conf"), "-e", str(work / "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         for _ in range(500):  # wait until it listens (or has died)
             assert proc.poll() is None, (work / "error.log").read_text()
@@ -180,9 +188,21 @@ def test_agent_installs_from_an_exported_tree(node: Node, tmp_path: Path) -> Non
     new_release(node, "3.0.0")
     sync(node, mdir)
     usb = tmp_path / "usb"
-    done = subprocess.run([str(BIN / "update-mirror"), "export", str(mdir), str(usb),
-                           "--hardware", "x86_64-efi", "--version", "2.0.0"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            str(BIN / "update-mirror"),
+            "export",
+            str(mdir),
+            str(usb),
+            "--hardware",
+            "x86_64-efi",
+            "--version",
+            "2.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     readme = (usb / "README.txt").read_text()
     assert "updater install --from" in readme and "2.0.0" in readme and "timestamp" in readme
@@ -208,19 +228,19 @@ class PausingFetcher(RequestsFetcher):
         return iter([data])
 
 
-def test_publish_between_timestamp_and_snapshot_is_consistent(
-    node: Node, tmp_path: Path
-) -> None:
+def test_publish_between_timestamp_and_snapshot_is_consistent(node: Node, tmp_path: Path) -> None:
     mdir = tmp_path / "mirror"
     sync(node, mdir)
     new_release(node, "3.0.0")
     with serving(mdir) as url:
         fetcher = PausingFetcher("/timestamp.json", lambda: sync(node, mdir))
-        repo = Repository(f"{url}/metadata", f"{url}/targets", ROOT_JSON,
-                          tmp_path / "reader", fetcher=fetcher)
+        repo = Repository(
+            f"{url}/metadata", f"{url}/targets", ROOT_JSON, tmp_path / "reader", fetcher=fetcher
+        )
         repo.refresh()
-        assert fetcher.fired and json.loads(
-            (mdir / "manifests" / "2.json").read_text())["number"] == 2
+        assert (
+            fetcher.fired and json.loads((mdir / "manifests" / "2.json").read_text())["number"] == 2
+        )
         targets = repo.targets()  # the old state's snapshot and targets, still served
         (path,) = targets
         assert len(b"".join(repo.stream_target(targets[path]))) == targets[path].length
@@ -246,8 +266,11 @@ def second_node(first: Node, root: Path) -> Node:
     """Another node (own disk, grubenv, journal) of the same fleet as `first`."""
     root.mkdir()
     disk = root / "disk.img"
-    subprocess.run([BIN / "updater", "layout", "apply", LAYOUTS / "grub-efi-ab.toml", disk,
-                    "--size", "1G"], check=True, capture_output=True)
+    subprocess.run(
+        [BIN / "updater", "layout", "apply", LAYOUTS / "grub-efi-ab.toml", disk, "--size", "1G"],
+        check=True,
+        capture_output=True,
+    )
     grubenv = root / "grubenv"
     write_grubenv(grubenv, initial_grubenv("A"))
     (root / "os-release").write_text('NAME="node"\nIMAGE_VERSION="1.0.0"\n')
@@ -265,9 +288,15 @@ def test_two_agents_install_while_a_sync_publishes(node: Node, tmp_path: Path) -
         nodes = [via(node, url), via(other, url)]
         for n in nodes:
             n.write_config("A")
-        procs = [subprocess.Popen([str(BIN / "updater"), "--config", str(n.config), "--json",
-                                   "install"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for n in nodes]
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "updater"), "--config", str(n.config), "--json", "install"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in nodes
+        ]
         published = sync(node, mdir)
         outs = [p.communicate(timeout=120) for p in procs]
     assert published.downloaded == ["x86_64-efi/3.0.0/root.img.zst"]

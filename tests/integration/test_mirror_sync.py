@@ -79,8 +79,9 @@ def served(mdir: Path) -> dict[str, str]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "update-mirror"), *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [str(BIN / "update-mirror"), *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_sync_publishes_verified_metadata_and_images(upstream: Upstream, tmp_path: Path) -> None:
@@ -195,8 +196,14 @@ def test_expired_upstream_is_refused(tmp_path: Path) -> None:
     img = write_image(tmp_path / "img", 10_000)
     repo = make_repo(tmp_path / "upstream", [ImageSpec(img, "1.0.0")], expires={"timestamp": 0})
     with HTTPTestServer(repo) as server:
-        done = cli("sync", f"{server.url}/metadata", f"{server.url}/targets",
-                   str(tmp_path / "mirror"), "--root", str(ROOT_JSON))
+        done = cli(
+            "sync",
+            f"{server.url}/metadata",
+            f"{server.url}/targets",
+            str(tmp_path / "mirror"),
+            "--root",
+            str(ROOT_JSON),
+        )
     assert done.returncode == 3 and "ExpiredMetadataError" in done.stderr
     assert not (tmp_path / "mirror" / "current").exists()
 
@@ -240,8 +247,10 @@ def test_cli_status_and_verify_show_days_left(upstream: Upstream, tmp_path: Path
     assert verify.returncode == 0, verify.stderr
     assert "state 1 verifies: 1 image(s)" in verify.stdout
     for role in ("root", "targets", "snapshot", "timestamp"):
-        assert any(line.strip().startswith(role) and "days left" in line
-                   for line in verify.stdout.splitlines()), role
+        assert any(
+            line.strip().startswith(role) and "days left" in line
+            for line in verify.stdout.splitlines()
+        ), role
     status = json.loads(cli("--json", "status", str(mdir)).stdout)
     assert status["state"] == 1 and status["expiry"]["root"]["days_left"] > 300
 
@@ -261,8 +270,16 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     done = cli("verify", str(tmp_path / "nothing"), "--root", str(ROOT_JSON))
     assert done.returncode == 3 and "holds no synced state" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    done = cli("sync", "http://127.0.0.1:1/m", "http://127.0.0.1:1/t", str(tmp_path / "m"),
-               "--root", str(ROOT_JSON), "--keep", "0")
+    done = cli(
+        "sync",
+        "http://127.0.0.1:1/m",
+        "http://127.0.0.1:1/t",
+        str(tmp_path / "m"),
+        "--root",
+        str(ROOT_JSON),
+        "--keep",
+        "0",
+    )
     assert done.returncode == 2 and "--keep 0" in done.stderr and done.stderr.count("\n") == 1
     done = cli("serve", str(tmp_path / "m"), "--bind", "nonsense")
     assert done.returncode == 2 and "--bind 'nonsense'" in done.stderr
@@ -284,6 +301,7 @@ def test_sync_from_a_usb_disk_carried_in(upstream: Upstream, tmp_path: Path) -> 
     data[-1] ^= 0xFF
     image.write_bytes(bytes(data))
     with pytest.raises(TargetRejected, match="mismatch"):
-        mirror.sync(f"file://{usb}/metadata", f"file://{usb}/targets", tmp_path / "third",
-                    ROOT_JSON)
+        mirror.sync(
+            f"file://{usb}/metadata", f"file://{usb}/targets", tmp_path / "third", ROOT_JSON
+        )
     assert not (tmp_path / "third" / "current").exists()

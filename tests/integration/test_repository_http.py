@@ -48,8 +48,11 @@ def repo(sim: RepositorySimulator, http_server: HTTPTestServer, tmp_path: Path) 
     trusted_root = tmp_path / "root.json"
     trusted_root.write_bytes(sim.signed_roots[0])
     repo = Repository(
-        f"{http_server.url}/metadata/", f"{http_server.url}/targets",
-        trusted_root, tmp_path / "tuf", session=requests.Session(),
+        f"{http_server.url}/metadata/",
+        f"{http_server.url}/targets",
+        trusted_root,
+        tmp_path / "tuf",
+        session=requests.Session(),
     )
     repo.refresh()
     return repo
@@ -96,7 +99,9 @@ def test_resume_against_a_server_that_ignores_range(
     data, _ = download(repo)
     assert data == IMAGE  # the re-sent prefix was skipped, not appended
     assert [r.range is not None for r in http_server.requests_for(stored(sim))] == [
-        False, True, True,
+        False,
+        True,
+        True,
     ]
 
 
@@ -175,8 +180,12 @@ def test_metadata_5xx_is_download_failed_and_tampered_metadata_rejected(
     trusted_root.write_bytes(sim.signed_roots[0])
 
     def fresh() -> Repository:
-        return Repository(f"{http_server.url}/metadata", f"{http_server.url}/targets",
-                          trusted_root, tmp_path / "tuf")
+        return Repository(
+            f"{http_server.url}/metadata",
+            f"{http_server.url}/targets",
+            trusted_root,
+            tmp_path / "tuf",
+        )
 
     http_server.fail("/metadata/timestamp.json", status=500)
     with pytest.raises(DownloadFailed, match=r"timestamp\.json: HTTP 500"):
@@ -191,8 +200,9 @@ def test_usb_mirror_over_file_urls(sim: RepositorySimulator, tmp_path: Path) -> 
     sim.write_to(mirror)
     trusted_root = tmp_path / "root.json"
     trusted_root.write_bytes(sim.signed_roots[0])
-    repo = Repository(f"file://{mirror}/metadata", f"file://{mirror}/targets",
-                      trusted_root, tmp_path / "tuf")
+    repo = Repository(
+        f"file://{mirror}/metadata", f"file://{mirror}/targets", trusted_root, tmp_path / "tuf"
+    )
     repo.refresh()
     assert b"".join(repo.stream_target(repo.get_targetinfo(PATH))) == IMAGE
     (mirror / "targets" / sim.stored_target_path(PATH)).write_bytes(IMAGE + b"x")
@@ -200,20 +210,23 @@ def test_usb_mirror_over_file_urls(sim: RepositorySimulator, tmp_path: Path) -> 
         b"".join(repo.stream_target(repo.get_targetinfo(PATH)))
 
 
-def test_repository_built_by_the_signing_tools(
-    http_server: HTTPTestServer, tmp_path: Path
-) -> None:
+def test_repository_built_by_the_signing_tools(http_server: HTTPTestServer, tmp_path: Path) -> None:
     image = write_image(tmp_path / "root.raw", 3 * MIB + 5)
     assert http_server.root is not None
     make_repo(http_server.root, [ImageSpec(image, "1.2.0", compression="none")])
-    repo = Repository(f"{http_server.url}/metadata", f"{http_server.url}/targets",
-                      ROOT_JSON, tmp_path / "tuf")
+    repo = Repository(
+        f"{http_server.url}/metadata", f"{http_server.url}/targets", ROOT_JSON, tmp_path / "tuf"
+    )
     targets = repo.targets()
-    chosen = release.select(targets, hardware="x86_64-efi", channel="stable",
-                            installed_version="1.0.0", failed_versions=())
+    chosen = release.select(
+        targets,
+        hardware="x86_64-efi",
+        channel="stable",
+        installed_version="1.0.0",
+        failed_versions=(),
+    )
     assert chosen is not None and chosen.version == "1.2.0"
     release.check_roles(chosen, ["root"])
     img = chosen.images["root"]
-    http_server.cut("/targets/" + repo.target_url(img.target).split("/targets/", 1)[1],
-                    after=MIB)
+    http_server.cut("/targets/" + repo.target_url(img.target).split("/targets/", 1)[1], after=MIB)
     assert b"".join(repo.stream_target(img.target, backoff=0.01)) == image.read_bytes()

@@ -43,12 +43,42 @@ def test_rotate_root_and_targets_keys(tmp_path: Path) -> None:
         generate_key(keys / name, "ed25519", None)
     repo = tmp_path / "repo"
     publish: list[str | Path] = [
-        "publish", repo, "--snapshot-key", keys / "snap", "--timestamp-key", keys / "ts"]
-    sr(["init", repo, "--root-key", keys / "root1.pub", "--targets-key", keys / "targets1.pub",
-        "--snapshot-key", keys / "snap.pub", "--timestamp-key", keys / "ts.pub",
-        "--sign-with", keys / "root1"])
-    sr(["add", repo, write_image(tmp_path / "a.img", 20_000, 1), "--version", "1.0.0",
-        "--hardware", "hw", "--sign-with", keys / "targets1"])
+        "publish",
+        repo,
+        "--snapshot-key",
+        keys / "snap",
+        "--timestamp-key",
+        keys / "ts",
+    ]
+    sr(
+        [
+            "init",
+            repo,
+            "--root-key",
+            keys / "root1.pub",
+            "--targets-key",
+            keys / "targets1.pub",
+            "--snapshot-key",
+            keys / "snap.pub",
+            "--timestamp-key",
+            keys / "ts.pub",
+            "--sign-with",
+            keys / "root1",
+        ]
+    )
+    sr(
+        [
+            "add",
+            repo,
+            write_image(tmp_path / "a.img", 20_000, 1),
+            "--version",
+            "1.0.0",
+            "--hardware",
+            "hw",
+            "--sign-with",
+            keys / "targets1",
+        ]
+    )
     sr(publish)
     root_v1 = tmp_path / "root-v1.json"
     root_v1.write_bytes((repo / "metadata" / "1.root.json").read_bytes())
@@ -56,23 +86,59 @@ def test_rotate_root_and_targets_keys(tmp_path: Path) -> None:
         ngclient_fetch_all(url, tmp_path / "old-node", root_v1)
 
     # Replace root1 by root2: the new root needs its own keys' and the old root's threshold.
-    out = sr(["rotate", repo, "root", "--add-key", keys / "root2.pub",
-              "--remove-key", keyid(keys / "root1.pub"), "--sign-with", keys / "root2"]).stdout
+    out = sr(
+        [
+            "rotate",
+            repo,
+            "root",
+            "--add-key",
+            keys / "root2.pub",
+            "--remove-key",
+            keyid(keys / "root1.pub"),
+            "--sign-with",
+            keys / "root2",
+        ]
+    ).stdout
     assert "1 of 1 signatures" in out
     before = tree_digest(repo)
     assert "lacks signatures: needs 1 more from the keys of root v1" in sr(publish, 2).stderr
     assert tree_digest(repo) == before
     sr(["sign", repo, "root", "--sign-with", keys / "root1"])
     # Replace targets1 by targets2 in the same new root (an 8+ character keyid prefix works).
-    sr(["rotate", repo, "targets", "--add-key", keys / "targets2.pub", "--remove-key",
-        keyid(keys / "targets1.pub")[:12], "--sign-with", keys / "root1",
-        "--sign-with", keys / "root2"])
+    sr(
+        [
+            "rotate",
+            repo,
+            "targets",
+            "--add-key",
+            keys / "targets2.pub",
+            "--remove-key",
+            keyid(keys / "targets1.pub")[:12],
+            "--sign-with",
+            keys / "root1",
+            "--sign-with",
+            keys / "root2",
+        ]
+    )
     # The removed key no longer counts for targets; the targets role must be re-signed.
-    assert "not a key of role targets" in sr(["sign", repo, "targets", "--sign-with",
-                                              keys / "targets1"], 2).stderr
+    assert (
+        "not a key of role targets"
+        in sr(["sign", repo, "targets", "--sign-with", keys / "targets1"], 2).stderr
+    )
     assert "targets v2 has 0 of 1" in sr(publish, 2).stderr
-    sr(["add", repo, write_image(tmp_path / "b.img", 20_000, 2), "--version", "1.1.0",
-        "--hardware", "hw", "--sign-with", keys / "targets2"])
+    sr(
+        [
+            "add",
+            repo,
+            write_image(tmp_path / "b.img", 20_000, 2),
+            "--version",
+            "1.1.0",
+            "--hardware",
+            "hw",
+            "--sign-with",
+            keys / "targets2",
+        ]
+    )
     sr(publish)
     assert (repo / "metadata" / "2.root.json").is_file()
     status = json.loads(sr(["status", repo, "--json"]).stdout)["roles"]
@@ -83,8 +149,9 @@ def test_rotate_root_and_targets_keys(tmp_path: Path) -> None:
         # The node that only knew v1 walks 1 -> 2.root.json, then downloads everything.
         files = ngclient_fetch_all(url, tmp_path / "old-node")
         assert set(files) == {"hw/1.0.0/root.img.zst", "hw/1.1.0/root.img.zst"}
-        assert json.loads((tmp_path / "old-node" / "root.json").read_text())[
-            "signed"]["version"] == 2
+        assert (
+            json.loads((tmp_path / "old-node" / "root.json").read_text())["signed"]["version"] == 2
+        )
         fresh = ngclient_fetch_all(url, tmp_path / "fresh-node", root_v1)
         assert set(fresh) == set(files)
     sr(["verify", repo, "--root", root_v1])
@@ -93,8 +160,9 @@ def test_rotate_root_and_targets_keys(tmp_path: Path) -> None:
     # v3 signed only by it: a node that trusted that key is no longer served by it.
     def signer(name: str) -> Signer:
         # securesystemslib's own loader of unencrypted PEM keys (file2: URIs).
-        return Signer.from_priv_key_uri(f"file2:{keys / name}",
-                                        load_public_key(keys / f"{name}.pub"))
+        return Signer.from_priv_key_uri(
+            f"file2:{keys / name}", load_public_key(keys / f"{name}.pub")
+        )
 
     meta = repo / "metadata"
     ser = JSONSerializer()
@@ -117,25 +185,51 @@ def test_rotate_root_and_targets_keys(tmp_path: Path) -> None:
     assert "UnsignedMetadataError" in sr(["verify", repo, "--root", root_v1], 3).stderr
 
 
-def test_old_root_key_alone_cannot_sign_a_later_root(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_old_root_key_alone_cannot_sign_a_later_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(PASSPHRASE_ENV, "pw")
     keys = tmp_path / "keys"
     keys.mkdir()
     for name in ("root1", "root2", "t", "snap", "ts"):
         generate_key(keys / name, "ecdsa-p256", b"pw")
     repo = tmp_path / "repo"
-    sr(["init", repo, "--root-key", keys / "root1.pub", "--targets-key", keys / "t.pub",
-        "--snapshot-key", keys / "snap.pub", "--timestamp-key", keys / "ts.pub",
-        "--sign-with", keys / "root1"])
-    sr(["rotate", repo, "root", "--add-key", keys / "root2.pub", "--remove-key",
-        keys / "root1.pub", "--sign-with", keys / "root2"])
+    sr(
+        [
+            "init",
+            repo,
+            "--root-key",
+            keys / "root1.pub",
+            "--targets-key",
+            keys / "t.pub",
+            "--snapshot-key",
+            keys / "snap.pub",
+            "--timestamp-key",
+            keys / "ts.pub",
+            "--sign-with",
+            keys / "root1",
+        ]
+    )
+    sr(
+        [
+            "rotate",
+            repo,
+            "root",
+            "--add-key",
+            keys / "root2.pub",
+            "--remove-key",
+            keys / "root1.pub",
+            "--sign-with",
+            keys / "root2",
+        ]
+    )
     sr(["sign", repo, "targets", "--sign-with", keys / "t"])
     sr(["publish", repo, "--snapshot-key", keys / "snap", "--timestamp-key", keys / "ts"])
     assert (repo / "metadata" / "1.root.json").is_file()  # init's v1 was rotated in place
     before = tree_digest(repo)
-    err = sr(["rotate", repo, "snapshot", "--threshold", "1", "--sign-with", keys / "root1"],
-             2).stderr
+    err = sr(
+        ["rotate", repo, "snapshot", "--threshold", "1", "--sign-with", keys / "root1"], 2
+    ).stderr
     assert "not a key of role root" in err
     assert "between 1 and 1" in sr(["rotate", repo, "timestamp", "--threshold", "2"], 2).stderr
     assert tree_digest(repo) == before

@@ -33,16 +33,54 @@ def make_keys(d: Path, names: Sequence[str]) -> Path:
 def test_root_2_of_3_and_targets_2_of_2(tmp_path: Path) -> None:
     keys = make_keys(tmp_path, ["r1", "r2", "r3", "t1", "t2", "snap", "ts"])
     repo = tmp_path / "repo"
-    sr(["init", repo, "--root-key", keys / "r1.pub", "--root-key", keys / "r2.pub",
-        "--root-key", keys / "r3.pub", "--root-threshold", "2",
-        "--targets-key", keys / "t1.pub", "--targets-key", keys / "t2.pub",
-        "--targets-threshold", "2", "--snapshot-key", keys / "snap.pub",
-        "--timestamp-key", keys / "ts.pub", "--sign-with", keys / "r1"])
+    sr(
+        [
+            "init",
+            repo,
+            "--root-key",
+            keys / "r1.pub",
+            "--root-key",
+            keys / "r2.pub",
+            "--root-key",
+            keys / "r3.pub",
+            "--root-threshold",
+            "2",
+            "--targets-key",
+            keys / "t1.pub",
+            "--targets-key",
+            keys / "t2.pub",
+            "--targets-threshold",
+            "2",
+            "--snapshot-key",
+            keys / "snap.pub",
+            "--timestamp-key",
+            keys / "ts.pub",
+            "--sign-with",
+            keys / "r1",
+        ]
+    )
     image = write_image(tmp_path / "img", 30_000)
-    sr(["add", repo, image, "--version", "2.0.0", "--hardware", "x86_64-efi",
-        "--sign-with", keys / "t1"])
+    sr(
+        [
+            "add",
+            repo,
+            image,
+            "--version",
+            "2.0.0",
+            "--hardware",
+            "x86_64-efi",
+            "--sign-with",
+            keys / "t1",
+        ]
+    )
     publish: list[str | Path] = [
-        "publish", repo, "--snapshot-key", keys / "snap", "--timestamp-key", keys / "ts"]
+        "publish",
+        repo,
+        "--snapshot-key",
+        keys / "snap",
+        "--timestamp-key",
+        keys / "ts",
+    ]
 
     before = tree_digest(repo)
     err = sr(publish, 2).stderr
@@ -58,8 +96,9 @@ def test_root_2_of_3_and_targets_2_of_2(tmp_path: Path) -> None:
     assert status["targets"]["staged"]["missing"] == 1
     assert "published" not in status["root"]
 
-    assert "2 of 2 signatures, ready" in sr(["sign", repo, "root", "--sign-with",
-                                               keys / "r3"]).stdout
+    assert (
+        "2 of 2 signatures, ready" in sr(["sign", repo, "root", "--sign-with", keys / "r3"]).stdout
+    )
     err = sr(publish, 2).stderr
     assert "targets v1 has 1 of 2 signatures" in err and "lacks 1" in err
     assert tree_digest(repo / "metadata") == {}
@@ -67,8 +106,7 @@ def test_root_2_of_3_and_targets_2_of_2(tmp_path: Path) -> None:
     sr(["sign", repo, "targets", "--sign-with", keys / "t2"])
     sr(publish)
     # The root a node ships is the published one; the half-signed copy is not trusted.
-    assert "root was signed by 1/2 keys" in sr(["verify", repo, "--root", staged_root],
-                                               3).stderr
+    assert "root was signed by 1/2 keys" in sr(["verify", repo, "--root", staged_root], 3).stderr
     root_json = repo / "metadata" / "1.root.json"
     sr(["verify", repo, "--root", root_json])
     with serve(repo) as url:
@@ -90,15 +128,37 @@ def test_root_2_of_3_and_targets_2_of_2(tmp_path: Path) -> None:
 def test_sign_refuses_keys_that_do_not_count(tmp_path: Path) -> None:
     keys = make_keys(tmp_path, ["r1", "r2", "t1", "snap", "ts"])
     repo = tmp_path / "repo"
-    sr(["init", repo, "--root-key", keys / "r1.pub", "--root-key", keys / "r2.pub",
-        "--root-threshold", "2", "--targets-key", keys / "t1.pub", "--snapshot-key",
-        keys / "snap.pub", "--timestamp-key", keys / "ts.pub", "--sign-with", keys / "r1"])
+    sr(
+        [
+            "init",
+            repo,
+            "--root-key",
+            keys / "r1.pub",
+            "--root-key",
+            keys / "r2.pub",
+            "--root-threshold",
+            "2",
+            "--targets-key",
+            keys / "t1.pub",
+            "--snapshot-key",
+            keys / "snap.pub",
+            "--timestamp-key",
+            keys / "ts.pub",
+            "--sign-with",
+            keys / "r1",
+        ]
+    )
     before = tree_digest(repo)
-    assert "not a key of role root" in sr(["sign", repo, "root", "--sign-with", keys / "t1"],
-                                          2).stderr
-    assert "signed by `publish`" in sr(["sign", repo, "snapshot", "--sign-with",
-                                        keys / "snap"], 2).stderr
+    assert (
+        "not a key of role root" in sr(["sign", repo, "root", "--sign-with", keys / "t1"], 2).stderr
+    )
+    assert (
+        "signed by `publish`"
+        in sr(["sign", repo, "snapshot", "--sign-with", keys / "snap"], 2).stderr
+    )
     assert tree_digest(repo) == before
     # Signing twice with one key still counts once.
-    assert "1 of 2 signatures, 1 more needed" in sr(
-        ["sign", repo, "root", "--sign-with", keys / "r1"]).stdout
+    assert (
+        "1 of 2 signatures, 1 more needed"
+        in sr(["sign", repo, "root", "--sign-with", keys / "r1"]).stdout
+    )

@@ -25,10 +25,16 @@ from tests.signing_helpers import ngclient_fetch_all, serve, write_image
 SIGN_RELEASE = Path(sys.executable).parent / "sign-release"
 
 
-def run(*args: str | Path, env: dict[str, str] | None = None,
-        ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(SIGN_RELEASE), *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+def run(
+    *args: str | Path, env: dict[str, str] | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(SIGN_RELEASE), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -52,8 +58,13 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
     passfile.write_text("correct horse\n")
     # Encrypted keys (from a passphrase file and from the environment) and plain ones.
     run("keygen", keys / "root", "--type", "ecdsa-p256", "--passphrase-file", passfile)
-    run("keygen", keys / "targets", "--type", "rsa-3072",
-        env={"SIGN_RELEASE_PASSPHRASE": "correct horse"})
+    run(
+        "keygen",
+        keys / "targets",
+        "--type",
+        "rsa-3072",
+        env={"SIGN_RELEASE_PASSPHRASE": "correct horse"},
+    )
     run("keygen", keys / "snapshot", "--no-passphrase")
     run("keygen", keys / "timestamp", "--type", "ed25519", "--no-passphrase")
     assert stat.S_IMODE((keys / "root").stat().st_mode) == 0o600
@@ -63,9 +74,24 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
     assert pub["keytype"] == "rsa" and pub["scheme"] == "rsassa-pss-sha256" and pub["keyid"]
 
     repo = tmp_path / "repo"
-    run("init", repo, "--root-key", keys / "root.pub", "--targets-key", keys / "targets.pub",
-        "--snapshot-key", keys / "snapshot.pub", "--timestamp-key", keys / "timestamp.pub",
-        "--expires", "targets=30", "--sign-with", keys / "root", "--passphrase-file", passfile)
+    run(
+        "init",
+        repo,
+        "--root-key",
+        keys / "root.pub",
+        "--targets-key",
+        keys / "targets.pub",
+        "--snapshot-key",
+        keys / "snapshot.pub",
+        "--timestamp-key",
+        keys / "timestamp.pub",
+        "--expires",
+        "targets=30",
+        "--sign-with",
+        keys / "root",
+        "--passphrase-file",
+        passfile,
+    )
     images = {
         "zstd": write_image(tmp_path / "root.img", 3 * 1024 * 1024 + 17, seed=1),
         "xz": write_image(tmp_path / "boot.img", 200_000, seed=2),
@@ -75,12 +101,27 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
     roles = {"zstd": "root", "xz": "boot", "gzip": "efi", "none": "data"}
     for compression, image in images.items():
         hw = ["--hardware", "x86_64-efi"] + (
-            ["--hardware", "aarch64-efi"] if compression == "zstd" else [])
-        run("add", repo, image, "--version", "1.2.0", *hw, "--role", roles[compression],
-            "--channel", "stable", "--compress", compression, "--sign-with", keys / "targets",
-            "--passphrase-file", passfile)
-    run("publish", repo, "--snapshot-key", keys / "snapshot", "--timestamp-key",
-        keys / "timestamp")
+            ["--hardware", "aarch64-efi"] if compression == "zstd" else []
+        )
+        run(
+            "add",
+            repo,
+            image,
+            "--version",
+            "1.2.0",
+            *hw,
+            "--role",
+            roles[compression],
+            "--channel",
+            "stable",
+            "--compress",
+            compression,
+            "--sign-with",
+            keys / "targets",
+            "--passphrase-file",
+            passfile,
+        )
+    run("publish", repo, "--snapshot-key", keys / "snapshot", "--timestamp-key", keys / "timestamp")
     root_json = repo / "metadata" / "root.json"
     assert root_json.read_bytes() == (repo / "metadata" / "1.root.json").read_bytes()
     assert not list((repo / "staged").iterdir())
@@ -97,20 +138,28 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
     # Target files are stored under their sha256 (consistent snapshots).
     with serve(repo) as url:
         files = ngclient_fetch_all(url, tmp_path / "client", root_json)
-    expected = {f"x86_64-efi/1.2.0/{roles[c]}.img{s}" for c, s in
-                [("zstd", ".zst"), ("xz", ".xz"), ("gzip", ".gz"), ("none", "")]}
+    expected = {
+        f"x86_64-efi/1.2.0/{roles[c]}.img{s}"
+        for c, s in [("zstd", ".zst"), ("xz", ".xz"), ("gzip", ".gz"), ("none", "")]
+    }
     assert set(files) == expected | {"aarch64-efi/1.2.0/root.img.zst"}
     targets = json.loads((repo / "metadata" / "1.targets.json").read_text())["signed"]
     for compression, image in images.items():
-        path = f"x86_64-efi/1.2.0/{roles[compression]}.img" + {
-            "zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}[compression]
+        path = (
+            f"x86_64-efi/1.2.0/{roles[compression]}.img"
+            + {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}[compression]
+        )
         raw = _raw(files[path], compression)
         assert raw == image.read_bytes()
         release = targets["targets"][path]["custom"]["release"]
         assert release == {
-            "version": "1.2.0", "hardware": ["x86_64-efi"], "channel": "stable",
-            "role": roles[compression], "compression": compression,
-            "raw_length": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest(),
+            "version": "1.2.0",
+            "hardware": ["x86_64-efi"],
+            "channel": "stable",
+            "role": roles[compression],
+            "compression": compression,
+            "raw_length": len(raw),
+            "raw_sha256": hashlib.sha256(raw).hexdigest(),
         }
         sha = targets["targets"][path]["hashes"]["sha256"]
         stored = repo / "targets" / os.path.dirname(path) / f"{sha}.{os.path.basename(path)}"
@@ -118,10 +167,19 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
 
     # A second release later; a returning client (cached metadata) picks it up.
     image2 = write_image(tmp_path / "root2.img", 100_000, seed=9)
-    run("add", repo, image2, "--version", "1.3.0-rc.1", "--hardware", "x86_64-efi",
-        "--sign-with", keys / "targets", env={"SIGN_RELEASE_PASSPHRASE": "correct horse"})
-    run("publish", repo, "--snapshot-key", keys / "snapshot", "--timestamp-key",
-        keys / "timestamp")
+    run(
+        "add",
+        repo,
+        image2,
+        "--version",
+        "1.3.0-rc.1",
+        "--hardware",
+        "x86_64-efi",
+        "--sign-with",
+        keys / "targets",
+        env={"SIGN_RELEASE_PASSPHRASE": "correct horse"},
+    )
+    run("publish", repo, "--snapshot-key", keys / "snapshot", "--timestamp-key", keys / "timestamp")
     with serve(repo) as url:
         files = ngclient_fetch_all(url, tmp_path / "client")
     assert _raw(files["x86_64-efi/1.3.0-rc.1/root.img.zst"], "zstd") == image2.read_bytes()
@@ -170,11 +228,32 @@ def test_each_key_type_signs_a_verifiable_repository(tmp_path: Path, key_type: s
     for role in ("root", "targets", "snapshot", "timestamp"):
         cli_ok("keygen", keys / role, "--type", key_type, "--no-passphrase")
     repo = tmp_path / "repo"
-    cli_ok("init", repo, "--root-key", keys / "root.pub", "--targets-key", keys / "targets.pub",
-           "--snapshot-key", keys / "snapshot.pub", "--timestamp-key", keys / "timestamp.pub",
-           "--sign-with", keys / "root")
-    cli_ok("add", repo, write_image(tmp_path / "img", 5000), "--version", "0.1.0",
-           "--hardware", "hw", "--sign-with", keys / "targets")
-    cli_ok("publish", repo, "--snapshot-key", keys / "snapshot", "--timestamp-key",
-           keys / "timestamp")
+    cli_ok(
+        "init",
+        repo,
+        "--root-key",
+        keys / "root.pub",
+        "--targets-key",
+        keys / "targets.pub",
+        "--snapshot-key",
+        keys / "snapshot.pub",
+        "--timestamp-key",
+        keys / "timestamp.pub",
+        "--sign-with",
+        keys / "root",
+    )
+    cli_ok(
+        "add",
+        repo,
+        write_image(tmp_path / "img", 5000),
+        "--version",
+        "0.1.0",
+        "--hardware",
+        "hw",
+        "--sign-with",
+        keys / "targets",
+    )
+    cli_ok(
+        "publish", repo, "--snapshot-key", keys / "snapshot", "--timestamp-key", keys / "timestamp"
+    )
     cli_ok("verify", repo, "--root", repo / "metadata" / "1.root.json")

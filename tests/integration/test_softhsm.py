@@ -40,21 +40,36 @@ GENERATE = textwrap.dedent("""
 def test_targets_key_in_softhsm_signs_a_release(tmp_path: Path) -> None:
     (tmp_path / "tokens").mkdir()
     conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\n"
-                    "objectstore.backend = file\nlog.level = ERROR\n")
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "PYKCS11LIB": MODULE,
-           "SIGN_RELEASE_PIN": PIN}
+    conf.write_text(
+        f"directories.tokendir = {tmp_path / 'tokens'}\n"
+        "objectstore.backend = file\nlog.level = ERROR\n"
+    )
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "PYKCS11LIB": MODULE, "SIGN_RELEASE_PIN": PIN}
     os.environ["SOFTHSM2_CONF"] = str(conf)  # for run_tool's softhsm2-util below
     try:
-        run_tool("softhsm2-util", "--init-token", "--free", "--label", "release-signing",
-                 "--pin", PIN, "--so-pin", "87654321")
+        run_tool(
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            "release-signing",
+            "--pin",
+            PIN,
+            "--so-pin",
+            "87654321",
+        )
     finally:
         del os.environ["SOFTHSM2_CONF"]
     subprocess.run([sys.executable, "-c", GENERATE], env=env, check=True)
 
     def sr(*args: str | Path, code: int = 0) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([str(SIGN_RELEASE), *map(str, args)], env=env,
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [str(SIGN_RELEASE), *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         assert proc.returncode == code, proc.stderr
         return proc
 
@@ -64,27 +79,67 @@ def test_targets_key_in_softhsm_signs_a_release(tmp_path: Path) -> None:
     assert key["keytype"] == "ecdsa" and key["scheme"] == "ecdsa-sha2-nistp256"
 
     repo = tmp_path / "repo"
-    sr("init", repo, "--root-key", KEYS_DIR / "root.pub", "--targets-key", hsm_pub,
-       "--snapshot-key", KEYS_DIR / "snapshot.pub", "--timestamp-key",
-       KEYS_DIR / "timestamp.pub", "--sign-with", KEYS_DIR / "root")
+    sr(
+        "init",
+        repo,
+        "--root-key",
+        KEYS_DIR / "root.pub",
+        "--targets-key",
+        hsm_pub,
+        "--snapshot-key",
+        KEYS_DIR / "snapshot.pub",
+        "--timestamp-key",
+        KEYS_DIR / "timestamp.pub",
+        "--sign-with",
+        KEYS_DIR / "root",
+    )
     image = write_image(tmp_path / "img", 50_000)
     # A key file of another role and a wrong PIN are both refused, the repo untouched.
     before = tree_digest(repo)
-    err = sr("add", repo, image, "--version", "3.0.0", "--hardware", "x86_64-efi",
-             "--sign-with", KEYS_DIR / "targets", code=2).stderr
+    err = sr(
+        "add",
+        repo,
+        image,
+        "--version",
+        "3.0.0",
+        "--hardware",
+        "x86_64-efi",
+        "--sign-with",
+        KEYS_DIR / "targets",
+        code=2,
+    ).stderr
     assert "not a key of role targets" in err
     wrong = subprocess.run(
-        [str(SIGN_RELEASE), "add", str(repo), str(image), "--version", "3.0.0", "--hardware",
-         "x86_64-efi", "--sign-with", URI], env={**env, "SIGN_RELEASE_PIN": "000000"},
-        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        [
+            str(SIGN_RELEASE),
+            "add",
+            str(repo),
+            str(image),
+            "--version",
+            "3.0.0",
+            "--hardware",
+            "x86_64-efi",
+            "--sign-with",
+            URI,
+        ],
+        env={**env, "SIGN_RELEASE_PIN": "000000"},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
     assert wrong.stderr.startswith(f"sign-release: error: {URI}")
     assert tree_digest(repo) == before
 
-    sr("add", repo, image, "--version", "3.0.0", "--hardware", "x86_64-efi",
-       "--sign-with", URI)
-    sr("publish", repo, "--snapshot-key", KEYS_DIR / "snapshot", "--timestamp-key",
-       KEYS_DIR / "timestamp")
+    sr("add", repo, image, "--version", "3.0.0", "--hardware", "x86_64-efi", "--sign-with", URI)
+    sr(
+        "publish",
+        repo,
+        "--snapshot-key",
+        KEYS_DIR / "snapshot",
+        "--timestamp-key",
+        KEYS_DIR / "timestamp",
+    )
     targets = json.loads((repo / "metadata" / "1.targets.json").read_text())
     assert [s["keyid"] for s in targets["signatures"]] == [key["keyid"]]
     root_json = repo / "metadata" / "1.root.json"

@@ -43,8 +43,15 @@ def opts(tmp_path: Path, server: HTTPTestServer) -> list[str | Path]:
 
 
 def download_opts(tmp_path: Path, server: HTTPTestServer) -> list[str | Path]:
-    return [*opts(tmp_path, server), "--target-name", NAME,
-            "--target-base-url", f"{server.url}/targets/", "--target-dir", tmp_path / "dl"]
+    return [
+        *opts(tmp_path, server),
+        "--target-name",
+        NAME,
+        "--target-base-url",
+        f"{server.url}/targets/",
+        "--target-dir",
+        tmp_path / "dl",
+    ]
 
 
 def init(sim: RepositorySimulator, tmp_path: Path) -> None:
@@ -120,8 +127,10 @@ def test_console_script(
     assert http_server.root is not None
     sim.write_to(http_server.root)
     (tmp_path / "root.json").write_bytes(sim.signed_roots[0])
-    subprocess.run([exe, "tuf-client", "--metadata-dir", tmp_path / "md", "init",
-                    tmp_path / "root.json"], check=True)
+    subprocess.run(
+        [exe, "tuf-client", "--metadata-dir", tmp_path / "md", "init", tmp_path / "root.json"],
+        check=True,
+    )
     argv = [str(exe), "tuf-client", *map(str, download_opts(tmp_path, http_server)), "download"]
     subprocess.run(argv, check=True)
     (out,) = (tmp_path / "dl").iterdir()

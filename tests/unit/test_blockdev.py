@@ -25,11 +25,17 @@ GUID_ROOT_A = "0f0e0d0c-0b0a-4908-8706-050403020100"
 def lay_out(disk: Path) -> None:
     run_tool(
         "sgdisk",
-        "-n1:2048:+1M", "-c1:esp",
-        "-n2:0:+4M", "-c2:boot_a",
-        "-n3:0:+8M", "-c3:root_a", f"-u3:{GUID_ROOT_A}",
-        "-n4:0:+4M", "-c4:boot_b",
-        "-n5:0:+8M", "-c5:root_b",
+        "-n1:2048:+1M",
+        "-c1:esp",
+        "-n2:0:+4M",
+        "-c2:boot_a",
+        "-n3:0:+8M",
+        "-c3:root_a",
+        f"-u3:{GUID_ROOT_A}",
+        "-n4:0:+4M",
+        "-c4:boot_b",
+        "-n5:0:+8M",
+        "-c5:root_b",
         disk,
     )
 
@@ -48,8 +54,12 @@ def test_image_file_targets_are_byte_ranges_of_the_gpt(sparse_disk: Path) -> Non
     assert partition_labels(sparse_disk) == ["esp", "boot_a", "root_a", "boot_b", "root_b"]
     targets = find_slot_partitions(sparse_disk, SLOTS)
     assert sorted(targets) == ["A", "B"] and sorted(targets["A"]) == ["boot", "root"]
-    for slot, number, role in (("A", 2, "boot"), ("A", 3, "root"), ("B", 4, "boot"),
-                               ("B", 5, "root")):
+    for slot, number, role in (
+        ("A", 2, "boot"),
+        ("A", 3, "root"),
+        ("B", 4, "boot"),
+        ("B", 5, "root"),
+    ):
         first, last = sgdisk_range(sparse_disk, number)
         target = targets[slot][role]
         assert target.path == sparse_disk
@@ -61,8 +71,11 @@ def test_image_file_targets_are_byte_ranges_of_the_gpt(sparse_disk: Path) -> Non
 def test_a_missing_label_names_slot_role_and_disk(sparse_disk: Path) -> None:
     lay_out(sparse_disk)
     slots = {"A": {"root": "root_a"}, "B": {"root": "root_x"}}
-    with pytest.raises(ConfigError, match=r"\[slots.B\] root = 'root_x': no single partition "
-                                          r"named root_x on .*disk.img"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\[slots.B\] root = 'root_x': no single partition "
+        r"named root_x on .*disk.img",
+    ):
         find_slot_partitions(sparse_disk, slots)
 
 
@@ -116,8 +129,10 @@ def test_root_argument(root: str, slot: str) -> None:
 
 
 def test_empty_root_values_match_nothing() -> None:
-    no_guid = {"A": {"root": PartitionTarget("A", "root", "root_a", Path("/d"), 512, 512)},
-               "B": {"root": PartitionTarget("B", "root", "root_b", Path("/d"), 1024, 512)}}
+    no_guid = {
+        "A": {"root": PartitionTarget("A", "root", "root_a", Path("/d"), 512, 512)},
+        "B": {"root": PartitionTarget("B", "root", "root_b", Path("/d"), 1024, 512)},
+    }
     for root in ("root=PARTUUID=", "root=PARTLABEL="):
         with pytest.raises(UpdateFailed, match="cannot tell which slot is booted"):
             detect_booted_slot(root, "", no_guid)
@@ -126,14 +141,16 @@ def test_empty_root_values_match_nothing() -> None:
 def test_mounted_root_device() -> None:
     numbers = {Path("/dev/vda3"): "253:3", Path("/dev/vda5"): "253:5"}
     assert root_device_number(MOUNTINFO) == "253:5"
-    assert detect_booted_slot("root=/dev/dm-0 ro", MOUNTINFO, targets(),
-                              device_numbers=numbers) == "B"
+    assert (
+        detect_booted_slot("root=/dev/dm-0 ro", MOUNTINFO, targets(), device_numbers=numbers) == "B"
+    )
 
 
 def test_no_evidence_is_an_error_that_says_what_to_do() -> None:
     with pytest.raises(UpdateFailed) as info:
-        detect_booted_slot("root=/dev/sda1 ro", MOUNTINFO, targets(),
-                           device_numbers={Path("/dev/vda3"): "253:3"})
+        detect_booted_slot(
+            "root=/dev/sda1 ro", MOUNTINFO, targets(), device_numbers={Path("/dev/vda3"): "253:3"}
+        )
     message = str(info.value)
     assert "cannot tell which slot is booted" in message
     assert "root=/dev/sda1 names no slot partition" in message and "253:5" in message

@@ -32,9 +32,7 @@ def _env(order: str, a: str, b: str) -> dict[str, str]:
 def grubenv(tmp_path: Path) -> Path:
     path = tmp_path / "grubenv"
     run_tool("grub-editenv", path, "create")
-    run_tool(
-        "grub-editenv", path, "set", "ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0", "B_TRY=0"
-    )
+    run_tool("grub-editenv", path, "set", "ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0", "B_TRY=0")
     return path
 
 
@@ -140,7 +138,11 @@ def test_missing_grubenv_is_an_environment_error(tmp_path: Path) -> None:
 
 def test_initial_grubenv() -> None:
     assert initial_grubenv("B") == {
-        "ORDER": "B A", "A_OK": "0", "A_TRY": "0", "B_OK": "1", "B_TRY": "0"
+        "ORDER": "B A",
+        "A_OK": "0",
+        "A_TRY": "0",
+        "B_OK": "1",
+        "B_TRY": "0",
     }
 
 

@@ -104,19 +104,28 @@ def test_defaults() -> None:
 
 
 def test_optional_keys_and_relative_paths() -> None:
-    text = EXAMPLE + """
+    text = (
+        EXAMPLE
+        + """
 post_commit = ["logger", "committed"]
 timeout = 120
 [daemon]
 interval = 900
 jitter = 0
 """
-    text = edit('trusted_root = "/etc/updater/root.json"',
-                'trusted_root = "root.json"\ntimeout = 5.5\nretries = 0\n'
-                'proxy = "http://proxy.example:3128"\nca_bundle = "ca.pem"', text)
+    )
+    text = edit(
+        'trusted_root = "/etc/updater/root.json"',
+        'trusted_root = "root.json"\ntimeout = 5.5\nretries = 0\n'
+        'proxy = "http://proxy.example:3128"\nca_bundle = "ca.pem"',
+        text,
+    )
     text = edit("deadline = 600", "deadline = 60\ninterval = 2\ntimeout = 3", text)
-    text = edit('{ http = "http://127.0.0.1:10248/healthz" }',
-                '{ http = "https://127.0.0.1:10248/healthz", timeout = 1 }', text)
+    text = edit(
+        '{ http = "http://127.0.0.1:10248/healthz" }',
+        '{ http = "https://127.0.0.1:10248/healthz", timeout = 1 }',
+        text,
+    )
     config = parse_config(text, Path("/srv/node/config.toml"))
     assert config.repository.trusted_root == Path("/srv/node/root.json")
     assert config.repository.ca_bundle == Path("/srv/node/ca.pem")
@@ -160,37 +169,70 @@ def test_file_url_accepted() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ('bootloader = "grub"', 'bootloader = "foo"',
-         "[device] bootloader: unknown bootloader 'foo' (known: "),
-        ('grubenv    = "/boot/efi/EFI/BOOT/grubenv"\n', "",
-         "[device] grubenv: missing (required when bootloader = \"grub\")"),
+        (
+            'bootloader = "grub"',
+            'bootloader = "foo"',
+            "[device] bootloader: unknown bootloader 'foo' (known: ",
+        ),
+        (
+            'grubenv    = "/boot/efi/EFI/BOOT/grubenv"\n',
+            "",
+            '[device] grubenv: missing (required when bootloader = "grub")',
+        ),
         ('hardware   = "x86_64-efi"\n', "", "[device] hardware: missing (required)"),
         ('hardware   = "x86_64-efi"', "hardware = 3", "[device] hardware: must be a string"),
         ('channel    = "stable"', 'chanel = "stable"', "[device] chanel: unknown key (known:"),
         ('booted_slot = "auto"', 'booted_slot = "C"', "[device] booted_slot: 'C' is not one of"),
-        ('"http://127.0.0.1:8080/metadata"', '"ftp://x/metadata"',
-         "[repository] metadata_url: 'ftp://x/metadata' is not a URL"),
-        ('"http://127.0.0.1:8080/targets"', '"http:///targets"',
-         "[repository] targets_url: 'http:///targets' has no host"),
+        (
+            '"http://127.0.0.1:8080/metadata"',
+            '"ftp://x/metadata"',
+            "[repository] metadata_url: 'ftp://x/metadata' is not a URL",
+        ),
+        (
+            '"http://127.0.0.1:8080/targets"',
+            '"http:///targets"',
+            "[repository] targets_url: 'http:///targets' has no host",
+        ),
         ("deadline = 600", "deadline = -1", "[health] deadline: -1 is out of range"),
         ("deadline = 600", "deadline = true", "[health] deadline: must be a number, not a boolean"),
         ("deadline = 600", "deadline = nan", "[health] deadline: nan is out of range"),
-        ('{ http = "http://127.0.0.1:10248/healthz" }', '{ http = "x", command = ["true"] }',
-         "[health] checks[1]: needs exactly one of"),
-        ('{ http = "http://127.0.0.1:10248/healthz" }', '{ http = "http://h/", timout = 3 }',
-         "[health] checks[1].timout: unknown key (known: command, http, timeout)"),
-        ('{ command = ["systemctl", "is-active", "kubelet"] }', '{ command = "systemctl" }',
-         "[health] checks[0].command: must be a non-empty array of strings"),
-        ('{ http = "http://127.0.0.1:10248/healthz" }', '{ http = "file:///x" }',
-         "[health] checks[1].http: 'file:///x' is not a URL"),
-        ('reboot     = ["systemctl", "reboot"]', "reboot = []",
-         "[hooks] reboot: must be a non-empty array of strings"),
-        ('reboot     = ["systemctl", "reboot"]', 'reboot = ["systemctl", 1]',
-         "[hooks] reboot: every element of the command must be a string"),
-        ('root = "root_b"', 'root = "root_b"\nboot = "boot_b"',
-         "[slots.A] boot: missing (slots.A and slots.B must name the same roles)"),
+        (
+            '{ http = "http://127.0.0.1:10248/healthz" }',
+            '{ http = "x", command = ["true"] }',
+            "[health] checks[1]: needs exactly one of",
+        ),
+        (
+            '{ http = "http://127.0.0.1:10248/healthz" }',
+            '{ http = "http://h/", timout = 3 }',
+            "[health] checks[1].timout: unknown key (known: command, http, timeout)",
+        ),
+        (
+            '{ command = ["systemctl", "is-active", "kubelet"] }',
+            '{ command = "systemctl" }',
+            "[health] checks[0].command: must be a non-empty array of strings",
+        ),
+        (
+            '{ http = "http://127.0.0.1:10248/healthz" }',
+            '{ http = "file:///x" }',
+            "[health] checks[1].http: 'file:///x' is not a URL",
+        ),
+        (
+            'reboot     = ["systemctl", "reboot"]',
+            "reboot = []",
+            "[hooks] reboot: must be a non-empty array of strings",
+        ),
+        (
+            'reboot     = ["systemctl", "reboot"]',
+            'reboot = ["systemctl", 1]',
+            "[hooks] reboot: every element of the command must be a string",
+        ),
+        (
+            'root = "root_b"',
+            'root = "root_b"\nboot = "boot_b"',
+            "[slots.A] boot: missing (slots.A and slots.B must name the same roles)",
+        ),
         ('root = "root_b"', 'root = "root_a"', "[slots]: partition 'root_a' is named twice"),
-        ("[slots.B]\nroot = \"root_b\"\n", "", "[slots.B]: missing (required)"),
+        ('[slots.B]\nroot = "root_b"\n', "", "[slots.B]: missing (required)"),
         ("[hooks]", "[hook]", "[hook]: unknown table (known: "),
         ("[health]", "[health]\nretries = 3", "[health] retries: unknown key"),
         ("deadline = 600", "deadline = 600\ndeadline = 5", "not valid TOML"),
@@ -266,8 +308,22 @@ def test_the_documented_example_is_valid() -> None:
         parse(text)
 
 
-TOML_VALUES = ['"x"', '""', "0", "-5", "1e309", "true", "[]", '["a"]', "[1, 2]", "{}",
-               '{ a = 1 }', '"file:///x"', '"http://h/p"', "2026-01-01"]
+TOML_VALUES = [
+    '"x"',
+    '""',
+    "0",
+    "-5",
+    "1e309",
+    "true",
+    "[]",
+    '["a"]',
+    "[1, 2]",
+    "{}",
+    "{ a = 1 }",
+    '"file:///x"',
+    '"http://h/p"',
+    "2026-01-01",
+]
 
 
 @given(

@@ -25,8 +25,9 @@ def _part(number: int, first: int, last: int, name: str = "p", attrs: int = 0) -
 
 
 def _image(path: Path, sectors: int = SECTORS) -> gpt.GptDisk:
-    disk = gpt.new_gpt(sectors, partitions=[_part(1, 40, 99, "root_a"),
-                                            _part(2, 100, 159, "root_b", 1 << 56)])
+    disk = gpt.new_gpt(
+        sectors, partitions=[_part(1, 40, 99, "root_a"), _part(2, 100, 159, "root_b", 1 << 56)]
+    )
     path.write_bytes(bytes(sectors * 512))
     gpt.write_gpt(path, disk)
     return disk
@@ -76,8 +77,7 @@ def test_find_and_replace(tmp_path: Path) -> None:
     assert gpt.read_gpt(path).find("root_a") == disk.find("root_a")
     with pytest.raises(GPTError, match=r"d\.img: no partition named 'nope'"):
         disk.find("nope")
-    dup = disk.replace(dataclasses.replace(b, number=3, first_lba=160, last_lba=170,
-                                           name="root_a"))
+    dup = disk.replace(dataclasses.replace(b, number=3, first_lba=160, last_lba=170, name="root_a"))
     with pytest.raises(GPTError, match="2 partitions named 'root_a'"):
         dup.find("root_a")
 
@@ -181,9 +181,12 @@ _TEMPLATE = Path(_TEMPLATE_DIR.name) / "template.img"
 _image(_TEMPLATE)
 GOOD = _TEMPLATE.read_bytes()
 # Byte ranges whose every bit is covered by a header or entry-array CRC32.
-COVERED = [(512, 512 + 92), (1024, 1024 + 128 * 128),
-           ((SECTORS - 33) * 512, (SECTORS - 1) * 512),
-           ((SECTORS - 1) * 512, (SECTORS - 1) * 512 + 92)]
+COVERED = [
+    (512, 512 + 92),
+    (1024, 1024 + 128 * 128),
+    ((SECTORS - 33) * 512, (SECTORS - 1) * 512),
+    ((SECTORS - 1) * 512, (SECTORS - 1) * 512 + 92),
+]
 
 
 def _read_bytes(data: bytes) -> gpt.GptDisk | None:
@@ -196,8 +199,7 @@ def _read_bytes(data: bytes) -> gpt.GptDisk | None:
             return None  # our own error type: the property holds
 
 
-FAST = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
@@ -221,8 +223,11 @@ def test_bit_flips_anywhere_only_raise_our_errors(bit: int) -> None:
 
 
 @FAST
-@given(st.sampled_from(COVERED).flatmap(
-    lambda r: st.integers(min_value=r[0] * 8, max_value=r[1] * 8 - 1)))
+@given(
+    st.sampled_from(COVERED).flatmap(
+        lambda r: st.integers(min_value=r[0] * 8, max_value=r[1] * 8 - 1)
+    )
+)
 def test_bit_flip_in_crc_covered_area_is_detected(bit: int) -> None:
     data = bytearray(GOOD)
     data[bit // 8] ^= 1 << (bit % 8)

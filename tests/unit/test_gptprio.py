@@ -26,8 +26,7 @@ def disk(tmp_path: Path) -> Path:
 
 
 def _ctx(disk: Path) -> BootContext:
-    return BootContext(disk=disk, grubenv=None,
-                       slot_partitions={"A": "root_a", "B": "root_b"})
+    return BootContext(disk=disk, grubenv=None, slot_partitions={"A": "root_a", "B": "root_b"})
 
 
 def _cgpt(disk: Path, label: str) -> tuple[int, int, int]:
@@ -108,13 +107,17 @@ def test_damaged_primary_is_healed_by_the_next_write(disk: Path) -> None:
 
 def test_bad_configuration(disk: Path) -> None:
     with pytest.raises(ConfigError, match="no partition label for slot"):
-        make_bootloader("gptprio", BootContext(disk=disk, grubenv=None,
-                                               slot_partitions={"A": "root_a"}))
+        make_bootloader(
+            "gptprio", BootContext(disk=disk, grubenv=None, slot_partitions={"A": "root_a"})
+        )
     with pytest.raises(ConfigError, match="share"):
-        make_bootloader("gptprio", BootContext(disk=disk, grubenv=None,
-                                               slot_partitions={"A": "x", "B": "x"}))
-    boot = make_bootloader("gptprio", BootContext(
-        disk=disk, grubenv=None, slot_partitions={"A": "root_a", "B": "root_c"}))
+        make_bootloader(
+            "gptprio", BootContext(disk=disk, grubenv=None, slot_partitions={"A": "x", "B": "x"})
+        )
+    boot = make_bootloader(
+        "gptprio",
+        BootContext(disk=disk, grubenv=None, slot_partitions={"A": "root_a", "B": "root_c"}),
+    )
     with pytest.raises(GPTError, match="no partition named 'root_c'"):
         boot.get_state("B")
     with pytest.raises(ConfigError, match="unknown slot"):

@@ -103,8 +103,7 @@ def test_every_check_must_pass_in_the_same_round(tmp_path: Path) -> None:
 
 def test_command_timeout_kills_the_whole_group() -> None:
     # The shell's child `sleep` would keep the output pipe open if only sh were killed.
-    result, _ = run(cmd("sh", "-c", "echo started; sleep 60; echo never", timeout=0.3),
-                    deadline=0)
+    result, _ = run(cmd("sh", "-c", "echo started; sleep 60; echo never", timeout=0.3), deadline=0)
     outcome = result.outcomes[0]
     assert not outcome.passed
     assert outcome.detail == "timed out after 0.3s" and outcome.output == "started\n"
@@ -117,8 +116,9 @@ def test_missing_command_is_a_failed_check() -> None:
 
 
 def test_signal_and_output_tail() -> None:
-    result, _ = run(cmd("sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x; kill -TERM $$"),
-                    deadline=0)
+    result, _ = run(
+        cmd("sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x; kill -TERM $$"), deadline=0
+    )
     outcome = result.outcomes[0]
     assert outcome.detail == "killed by signal 15"
     assert outcome.output == "x" * OUTPUT_TAIL

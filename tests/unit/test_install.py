@@ -201,7 +201,7 @@ def test_any_chunking_gives_the_same_image(
 
 @pytest.mark.parametrize("compression", ["zstd", "xz", "gzip"])
 def test_concatenated_members_and_frames(disk: Path, guard: SlotGuard, compression: str) -> None:
-    parts = [IMAGE[: MiB], IMAGE[MiB : 2 * MiB + 7], IMAGE[2 * MiB + 7 :]]
+    parts = [IMAGE[:MiB], IMAGE[MiB : 2 * MiB + 7], IMAGE[2 * MiB + 7 :]]
     data = b"".join(compress(p, compression) for p in parts)
     write_image(
         chunked(data, 10_000),

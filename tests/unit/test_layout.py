@@ -60,7 +60,9 @@ def test_gptprio_layout_boot_bits() -> None:
 
 def test_fixed_guids_raw_attributes_and_type_guid(tmp_path: Path) -> None:
     disk_guid, part_guid, odd_type = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
 [layout]
 disk_guid = "{disk_guid}"
 [[partition]]
@@ -70,7 +72,8 @@ size = "1M"
 uuid = "{part_guid}"
 attributes = 0x1000000000000001
 tries = 3
-""")
+""",
+    )
     disk = plan_layout(load_layout(path), 8 * MIB)
     (p,) = disk.partitions
     assert disk.disk_guid == disk_guid
@@ -88,22 +91,34 @@ def _parts(*rows: tuple[str, str, str]) -> str:
 
 BAD = {
     "unknown alias": (_parts(("a", "root-sparc", "1M")), "partition 1 ('a').type: unknown type"),
-    "duplicate name": (_parts(("a", "esp", "1M"), ("a", "esp", "1M")),
-                       "partition 2 ('a').name: duplicate name 'a'"),
+    "duplicate name": (
+        _parts(("a", "esp", "1M"), ("a", "esp", "1M")),
+        "partition 2 ('a').name: duplicate name 'a'",
+    ),
     "missing field": ('[[partition]]\nname = "a"\ntype = "esp"\n', "partition 1.size: missing"),
-    "rest not last": (_parts(("a", "esp", "rest"), ("b", "esp", "1M")),
-                      "partition 1 ('a').size: \"rest\" is only allowed for the last"),
+    "rest not last": (
+        _parts(("a", "esp", "rest"), ("b", "esp", "1M")),
+        "partition 1 ('a').size: \"rest\" is only allowed for the last",
+    ),
     "bad size": (_parts(("a", "esp", "12 bananas")), "partition 1 ('a').size: bad size"),
     "too big": (_parts(("a", "esp", "2G")), "partition 1 ('a').size: does not fit the target"),
-    "second too big": (_parts(("a", "esp", "30M"), ("b", "var", "30M")),
-                       "partition 2 ('b').size: does not fit the target"),
+    "second too big": (
+        _parts(("a", "esp", "30M"), ("b", "var", "30M")),
+        "partition 2 ('b').size: does not fit the target",
+    ),
     "no partitions": ('[layout]\ndescription = "x"\n', "partition: missing"),
-    "unknown field": (_parts(("a", "esp", "1M")) + 'colour = "red"\n',
-                      "partition 1 ('a').colour: unknown field"),
-    "bad priority": (_parts(("a", "esp", "1M")) + "priority = 16\n",
-                     "partition 1 ('a').priority: must be an integer 0-15"),
-    "bad uuid": (_parts(("a", "esp", "1M")) + 'uuid = "nope"\n',
-                 "partition 1 ('a').uuid: not a GUID"),
+    "unknown field": (
+        _parts(("a", "esp", "1M")) + 'colour = "red"\n',
+        "partition 1 ('a').colour: unknown field",
+    ),
+    "bad priority": (
+        _parts(("a", "esp", "1M")) + "priority = 16\n",
+        "partition 1 ('a').priority: must be an integer 0-15",
+    ),
+    "bad uuid": (
+        _parts(("a", "esp", "1M")) + 'uuid = "nope"\n',
+        "partition 1 ('a').uuid: not a GUID",
+    ),
     "long name": (_parts(("n" * 37, "esp", "1M")), ".name: must be a non-empty string"),
     "not toml": ("[[partition]\n", "not valid TOML"),
 }

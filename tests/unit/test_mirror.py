@@ -22,13 +22,26 @@ from updater.mirror_store import MirrorDir, MirrorError
 from updater.repository import TargetRejected
 
 
-def target(version: str, hardware: str = "x86_64-efi", channel: str = "stable",
-           role: str = "root", sha: str | None = None) -> TargetFile:
+def target(
+    version: str,
+    hardware: str = "x86_64-efi",
+    channel: str = "stable",
+    role: str = "root",
+    sha: str | None = None,
+) -> TargetFile:
     path = f"{hardware}/{version}/{role}.img"
     digest = sha or hashlib.sha256(path.encode()).hexdigest()
-    custom: dict[str, Any] = {"release": {
-        "version": version, "hardware": [hardware], "channel": channel, "role": role,
-        "compression": "none", "raw_length": 10, "raw_sha256": "0" * 64}}
+    custom: dict[str, Any] = {
+        "release": {
+            "version": version,
+            "hardware": [hardware],
+            "channel": channel,
+            "role": role,
+            "compression": "none",
+            "raw_length": 10,
+            "raw_sha256": "0" * 64,
+        }
+    }
     return TargetFile(10, {"sha256": digest}, path, unrecognized_fields={"custom": custom})
 
 
@@ -41,23 +54,39 @@ def versions(plan: list[Any]) -> list[tuple[str, str, str]]:
 
 
 def test_plan_all_releases_without_keep() -> None:
-    targets = table(target("1.0.0"), target("1.1.0"), target("1.0.0", role="boot"),
-                    target("2.0.0", hardware="aarch64"))
+    targets = table(
+        target("1.0.0"),
+        target("1.1.0"),
+        target("1.0.0", role="boot"),
+        target("2.0.0", hardware="aarch64"),
+    )
     assert versions(plan_targets(targets)) == [
-        ("aarch64", "root", "2.0.0"), ("x86_64-efi", "boot", "1.0.0"),
-        ("x86_64-efi", "root", "1.0.0"), ("x86_64-efi", "root", "1.1.0")]
+        ("aarch64", "root", "2.0.0"),
+        ("x86_64-efi", "boot", "1.0.0"),
+        ("x86_64-efi", "root", "1.0.0"),
+        ("x86_64-efi", "root", "1.1.0"),
+    ]
 
 
 def test_plan_keep_newest_per_hardware_role_and_newest_per_channel() -> None:
-    targets = table(target("1.0.0"), target("1.1.0"), target("1.2.0"),
-                    target("1.3.0-rc.1", channel="beta"), target("0.9.0", hardware="arm"))
+    targets = table(
+        target("1.0.0"),
+        target("1.1.0"),
+        target("1.2.0"),
+        target("1.3.0-rc.1", channel="beta"),
+        target("0.9.0", hardware="arm"),
+    )
     assert versions(plan_targets(targets, keep=2)) == [
-        ("arm", "root", "0.9.0"), ("x86_64-efi", "root", "1.2.0"),
-        ("x86_64-efi", "root", "1.3.0-rc.1")]
+        ("arm", "root", "0.9.0"),
+        ("x86_64-efi", "root", "1.2.0"),
+        ("x86_64-efi", "root", "1.3.0-rc.1"),
+    ]
     # keep=1 would drop the stable 1.2.0 behind the beta; stable nodes still need it.
     assert versions(plan_targets(targets, keep=1)) == versions(plan_targets(targets, keep=2))
     assert versions(plan_targets(targets, keep=1, channel="stable")) == [
-        ("arm", "root", "0.9.0"), ("x86_64-efi", "root", "1.2.0")]
+        ("arm", "root", "0.9.0"),
+        ("x86_64-efi", "root", "1.2.0"),
+    ]
 
 
 def test_plan_orders_versions_as_versions() -> None:
@@ -82,12 +111,23 @@ def test_wanted_needs_a_sha256() -> None:
         wanted.url_path()
 
 
-@pytest.mark.parametrize(("header", "expected"), [
-    (None, None), ("bytes=0-9", (0, 10)), ("bytes=5-", (5, 100)), ("bytes=90-200", (90, 100)),
-    ("bytes=-10", (90, 100)), ("bytes=-500", (0, 100)), ("bytes=100-", False),
-    ("bytes=-0", False), ("bytes=9-3", False), ("bytes=0-1,5-6", None), ("items=1-2", None),
-    ("bytes=-", None),
-])
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("bytes=0-9", (0, 10)),
+        ("bytes=5-", (5, 100)),
+        ("bytes=90-200", (90, 100)),
+        ("bytes=-10", (90, 100)),
+        ("bytes=-500", (0, 100)),
+        ("bytes=100-", False),
+        ("bytes=-0", False),
+        ("bytes=9-3", False),
+        ("bytes=0-1,5-6", None),
+        ("items=1-2", None),
+        ("bytes=-", None),
+    ],
+)
 def test_byte_range(header: str | None, expected: object) -> None:
     assert byte_range(header, 100) == expected
 
@@ -133,18 +173,21 @@ def test_publish_swaps_current_and_carries_previous_state(tmp_path: Path) -> Non
     meta1 = {"1.snapshot.json": b"s1", "timestamp.json": b"t1"}
     store.publish(meta1, {f"hw/1/{a}.img": a}, (), "now", "up")
     assert os.readlink(store.current_link) == "states/1"
-    store.publish({"2.snapshot.json": b"s2", "timestamp.json": b"t2"},
-                  {f"hw/2/{b}.img": b}, (), "now", "up")
+    store.publish(
+        {"2.snapshot.json": b"s2", "timestamp.json": b"t2"}, {f"hw/2/{b}.img": b}, (), "now", "up"
+    )
     cur = store.current()
     assert (cur / "metadata" / "1.snapshot.json").read_bytes() == b"s1"  # carried over
     assert (cur / "metadata" / "timestamp.json").read_bytes() == b"t2"
     assert (cur / "targets" / f"hw/1/{a}.img").exists()
     assert store.manifest(2).targets == {f"hw/2/{b}.img": b}
-    store.publish({"3.snapshot.json": b"s3", "timestamp.json": b"t3"},
-                  {f"hw/2/{b}.img": b}, (), "now", "up")
+    store.publish(
+        {"3.snapshot.json": b"s3", "timestamp.json": b"t3"}, {f"hw/2/{b}.img": b}, (), "now", "up"
+    )
     assert store.collect_garbage() == []  # state 2 still links a
-    store.publish({"4.snapshot.json": b"s4", "timestamp.json": b"t4"},
-                  {f"hw/2/{b}.img": b}, (), "now", "up")
+    store.publish(
+        {"4.snapshot.json": b"s4", "timestamp.json": b"t4"}, {f"hw/2/{b}.img": b}, (), "now", "up"
+    )
     assert store.collect_garbage() == [a]
     assert sorted(p.name for p in store.states.iterdir()) == ["3", "4"]
     assert not (store.current() / "metadata" / "2.snapshot.json").exists()

@@ -47,7 +47,9 @@ STD = repo(
 
 def pick(targets: dict[str, TargetFile] = STD, **kw: Any) -> str | None:
     args: dict[str, Any] = {
-        "hardware": HW, "channel": "stable", "installed_version": "1.0.0",
+        "hardware": HW,
+        "channel": "stable",
+        "installed_version": "1.0.0",
         "failed_versions": (),
     }
     args.update(kw)
@@ -139,7 +141,9 @@ GOOD = release_custom("1.0.0")["release"]
 def test_malformed_custom_is_skipped_not_fatal(custom: Any) -> None:
     targets = {"bad/1.0.0/root.img": target("bad/1.0.0/root.img", custom), **STD}
     assert [r.version for r in release.releases(targets, HW, "stable")] == [
-        "1.0.0", "1.1.0", "1.2.0",
+        "1.0.0",
+        "1.1.0",
+        "1.2.0",
     ]
 
 
@@ -160,8 +164,16 @@ def test_check_roles() -> None:
 @pytest.mark.parametrize(
     "ordered",
     [
-        ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2",
-         "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0"],  # the semver 2.0.0 spec example
+        [
+            "1.0.0-alpha",
+            "1.0.0-alpha.1",
+            "1.0.0-alpha.beta",
+            "1.0.0-beta",
+            "1.0.0-beta.2",
+            "1.0.0-beta.11",
+            "1.0.0-rc.1",
+            "1.0.0",
+        ],  # the semver 2.0.0 spec example
         ["0.0.1", "0.1.0", "0.9.0", "0.10.0", "1.0.0", "1.2.0-rc.1", "1.2.0", "10.0.0"],
     ],
 )
@@ -172,8 +184,22 @@ def test_version_order_examples(ordered: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "1", "1.2", "1.2.3.4", "01.2.3", "1.2.3-", "1.2.3-01", "1.2.3+b1", " 1.2.3",
-            "v1.2.3", "1.2.3-rc..1", "1.2.3-ü", "9" * 200 + ".0.0"],
+    "bad",
+    [
+        "",
+        "1",
+        "1.2",
+        "1.2.3.4",
+        "01.2.3",
+        "1.2.3-",
+        "1.2.3-01",
+        "1.2.3+b1",
+        " 1.2.3",
+        "v1.2.3",
+        "1.2.3-rc..1",
+        "1.2.3-ü",
+        "9" * 200 + ".0.0",
+    ],
 )
 def test_invalid_versions(bad: str) -> None:
     with pytest.raises(VersionError, match="invalid version") as info:
@@ -185,7 +211,10 @@ numbers = st.integers(min_value=0, max_value=10**6)
 identifiers = st.one_of(numbers, st.from_regex(r"[a-z][a-z0-9-]{0,5}", fullmatch=True))
 versions = st.builds(
     lambda a, b, c, pre: f"{a}.{b}.{c}" + ("-" + ".".join(map(str, pre)) if pre else ""),
-    numbers, numbers, numbers, st.lists(identifiers, max_size=3),
+    numbers,
+    numbers,
+    numbers,
+    st.lists(identifiers, max_size=3),
 )
 
 
@@ -211,6 +240,9 @@ def test_prerelease_sorts_before_its_release(v: str) -> None:
 def test_select_picks_the_maximum_upgrade(vs: list[str], installed: str | None) -> None:
     targets = repo(*((v, "root", "stable", (HW,)) for v in vs))
     chosen = pick(targets, installed_version=installed)
-    newer = [parse_version(v) for v in vs if installed is None or
-             parse_version(v) > parse_version(installed)]
+    newer = [
+        parse_version(v)
+        for v in vs
+        if installed is None or parse_version(v) > parse_version(installed)
+    ]
     assert chosen == (str(max(newer)) if newer else None)

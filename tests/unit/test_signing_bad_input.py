@@ -33,16 +33,26 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_key(keys / "targets", "ed25519", PASS.encode())
     (d / "pass").write_text(PASS + "\n")
     (d / "wrongpass").write_text("not it\n")
-    pub = {r: [load_public_key(keys / f"{r}.pub")] for r in
-           ("root", "targets", "snapshot", "timestamp")}
+    pub = {
+        r: [load_public_key(keys / f"{r}.pub")]
+        for r in ("root", "targets", "snapshot", "timestamp")
+    }
     repo = d / "repo"
-    init_repository(repo, root_keys=pub["root"], targets_keys=pub["targets"],
-                    snapshot_keys=pub["snapshot"], timestamp_keys=pub["timestamp"],
-                    sign_with=[str(keys / "root")])
+    init_repository(
+        repo,
+        root_keys=pub["root"],
+        targets_keys=pub["targets"],
+        snapshot_keys=pub["snapshot"],
+        timestamp_keys=pub["timestamp"],
+        sign_with=[str(keys / "root")],
+    )
     os.environ["SIGN_RELEASE_PASSPHRASE"] = PASS
     try:
-        add_release(repo, Release(write_image(d / "img", 20_000), "1.0.0", ("x86_64-efi",)),
-                    [str(keys / "targets")])
+        add_release(
+            repo,
+            Release(write_image(d / "img", 20_000), "1.0.0", ("x86_64-efi",)),
+            [str(keys / "targets")],
+        )
     finally:
         del os.environ["SIGN_RELEASE_PASSPHRASE"]
     publish(repo, [str(keys / "snapshot")], [str(keys / "timestamp")])
@@ -82,8 +92,12 @@ ADD = ["add", "repo", "img", "--version", "1.1.0", "--hardware", "x86_64-efi"]
 
 
 def test_wrong_passphrase(env: Path) -> None:
-    unchanged([*ADD, "--sign-with", "keys/targets", "--passphrase-file", "wrongpass"], 2,
-              "keys/targets", "wrong passphrase")
+    unchanged(
+        [*ADD, "--sign-with", "keys/targets", "--passphrase-file", "wrongpass"],
+        2,
+        "keys/targets",
+        "wrong passphrase",
+    )
 
 
 def test_encrypted_key_without_any_passphrase_source(env: Path) -> None:
@@ -95,13 +109,18 @@ def test_missing_key_file(env: Path) -> None:
 
 
 def test_key_of_another_role(env: Path) -> None:
-    unchanged([*ADD, "--sign-with", "keys/snapshot"], 2, "keys/snapshot",
-              "not a key of role targets")
+    unchanged(
+        [*ADD, "--sign-with", "keys/snapshot"], 2, "keys/snapshot", "not a key of role targets"
+    )
 
 
 def test_unknown_key(env: Path) -> None:
-    unchanged(["publish", "repo", "--snapshot-key", "keys/other", "--timestamp-key",
-               "keys/timestamp"], 2, "keys/other", "not a key of role snapshot")
+    unchanged(
+        ["publish", "repo", "--snapshot-key", "keys/other", "--timestamp-key", "keys/timestamp"],
+        2,
+        "keys/other",
+        "not a key of role snapshot",
+    )
 
 
 def test_public_key_given_as_private_key(env: Path) -> None:
@@ -109,40 +128,107 @@ def test_public_key_given_as_private_key(env: Path) -> None:
 
 
 def test_private_key_given_as_public_key(env: Path, tmp_path: Path) -> None:
-    fails(["init", tmp_path / "new", "--root-key", "keys/root", "--targets-key",
-           "keys/targets.pub", "--snapshot-key", "keys/snapshot.pub", "--timestamp-key",
-           "keys/timestamp.pub", "--sign-with", "keys/root"], 2, "private key")
+    fails(
+        [
+            "init",
+            tmp_path / "new",
+            "--root-key",
+            "keys/root",
+            "--targets-key",
+            "keys/targets.pub",
+            "--snapshot-key",
+            "keys/snapshot.pub",
+            "--timestamp-key",
+            "keys/timestamp.pub",
+            "--sign-with",
+            "keys/root",
+        ],
+        2,
+        "private key",
+    )
     assert not (tmp_path / "new").exists()
 
 
 def test_image_path_missing(env: Path) -> None:
-    unchanged(["add", "repo", "missing.img", "--version", "1.1.0", "--hardware", "x86_64-efi",
-               "--sign-with", "keys/targets", "--passphrase-file", "pass"], 2,
-              "image missing.img", "no such file")
+    unchanged(
+        [
+            "add",
+            "repo",
+            "missing.img",
+            "--version",
+            "1.1.0",
+            "--hardware",
+            "x86_64-efi",
+            "--sign-with",
+            "keys/targets",
+            "--passphrase-file",
+            "pass",
+        ],
+        2,
+        "image missing.img",
+        "no such file",
+    )
 
 
 def test_version_already_published(env: Path) -> None:
-    unchanged(["add", "repo", "img", "--version", "1.0.0", "--hardware", "x86_64-efi",
-               "--sign-with", "keys/targets", "--passphrase-file", "pass"], 2,
-              "1.0.0", "x86_64-efi", "already published")
+    unchanged(
+        [
+            "add",
+            "repo",
+            "img",
+            "--version",
+            "1.0.0",
+            "--hardware",
+            "x86_64-efi",
+            "--sign-with",
+            "keys/targets",
+            "--passphrase-file",
+            "pass",
+        ],
+        2,
+        "1.0.0",
+        "x86_64-efi",
+        "already published",
+    )
 
 
 @pytest.mark.parametrize("version", ["1.2", "v1.2.0", "1.2.0-", "01.2.0", "latest", ""])
 def test_version_that_is_not_a_version(env: Path, version: str) -> None:
-    unchanged(["add", "repo", "img", "--version", version, "--hardware", "x86_64-efi",
-               "--sign-with", "keys/targets", "--passphrase-file", "pass"], 2,
-              "is not a version")
+    unchanged(
+        [
+            "add",
+            "repo",
+            "img",
+            "--version",
+            version,
+            "--hardware",
+            "x86_64-efi",
+            "--sign-with",
+            "keys/targets",
+            "--passphrase-file",
+            "pass",
+        ],
+        2,
+        "is not a version",
+    )
 
 
 def test_expired_role_when_signing(env: Path) -> None:
     # Stage targets that expire at once, then try to add a signature to them.
-    result = CliRunner().invoke(cli, [*ADD, "--expires", "0", "--sign-with", "keys/targets",
-                                      "--passphrase-file", "pass"])
+    result = CliRunner().invoke(
+        cli, [*ADD, "--expires", "0", "--sign-with", "keys/targets", "--passphrase-file", "pass"]
+    )
     assert result.exit_code == 0, result.stderr
-    unchanged(["sign", "repo", "targets", "--sign-with", "keys/targets",
-               "--passphrase-file", "pass"], 2, "staged targets v2 expired")
-    unchanged(["publish", "repo", "--snapshot-key", "keys/snapshot", "--timestamp-key",
-               "keys/timestamp"], 2, "targets v2 expired")
+    unchanged(
+        ["sign", "repo", "targets", "--sign-with", "keys/targets", "--passphrase-file", "pass"],
+        2,
+        "staged targets v2 expired",
+    )
+    unchanged(
+        ["publish", "repo", "--snapshot-key", "keys/snapshot", "--timestamp-key", "keys/timestamp"],
+        2,
+        "targets v2 expired",
+    )
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "file", "other"])
@@ -156,35 +242,100 @@ def test_directory_that_is_not_a_repository(env: Path, make: str) -> None:
         (target / "metadata").mkdir(parents=True)
         (target / "README").write_text("x")
     before = tree_digest(env)
-    fails(["add", target, "img", "--version", "1.1.0", "--hardware", "x86_64-efi",
-           "--sign-with", "keys/targets", "--passphrase-file", "pass"], 2, "notrepo",
-          "repository")
+    fails(
+        [
+            "add",
+            target,
+            "img",
+            "--version",
+            "1.1.0",
+            "--hardware",
+            "x86_64-efi",
+            "--sign-with",
+            "keys/targets",
+            "--passphrase-file",
+            "pass",
+        ],
+        2,
+        "notrepo",
+        "repository",
+    )
     fails(["status", target], 2, "notrepo")
-    fails(["publish", target, "--snapshot-key", "keys/snapshot", "--timestamp-key",
-           "keys/timestamp"], 2, "notrepo")
+    fails(
+        ["publish", target, "--snapshot-key", "keys/snapshot", "--timestamp-key", "keys/timestamp"],
+        2,
+        "notrepo",
+    )
     assert tree_digest(env) == before
 
 
 def test_init_refuses_an_existing_repository(env: Path) -> None:
-    unchanged(["init", "repo", "--root-key", "keys/root.pub", "--targets-key",
-               "keys/targets.pub", "--snapshot-key", "keys/snapshot.pub", "--timestamp-key",
-               "keys/timestamp.pub", "--sign-with", "keys/root"], 2, "not an empty directory")
+    unchanged(
+        [
+            "init",
+            "repo",
+            "--root-key",
+            "keys/root.pub",
+            "--targets-key",
+            "keys/targets.pub",
+            "--snapshot-key",
+            "keys/snapshot.pub",
+            "--timestamp-key",
+            "keys/timestamp.pub",
+            "--sign-with",
+            "keys/root",
+        ],
+        2,
+        "not an empty directory",
+    )
 
 
 def test_init_with_impossible_threshold(env: Path, tmp_path: Path) -> None:
-    fails(["init", tmp_path / "new", "--root-key", "keys/root.pub", "--root-threshold", "2",
-           "--targets-key", "keys/targets.pub", "--snapshot-key", "keys/snapshot.pub",
-           "--timestamp-key", "keys/timestamp.pub", "--sign-with", "keys/root"], 2,
-          "threshold 2")
+    fails(
+        [
+            "init",
+            tmp_path / "new",
+            "--root-key",
+            "keys/root.pub",
+            "--root-threshold",
+            "2",
+            "--targets-key",
+            "keys/targets.pub",
+            "--snapshot-key",
+            "keys/snapshot.pub",
+            "--timestamp-key",
+            "keys/timestamp.pub",
+            "--sign-with",
+            "keys/root",
+        ],
+        2,
+        "threshold 2",
+    )
     assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("expires", ["root", "root=x", "bogus=3", "root=-1"])
 def test_bad_expires(env: Path, tmp_path: Path, expires: str) -> None:
-    fails(["init", tmp_path / "new", "--root-key", "keys/root.pub", "--targets-key",
-           "keys/targets.pub", "--snapshot-key", "keys/snapshot.pub", "--timestamp-key",
-           "keys/timestamp.pub", "--expires", expires, "--sign-with", "keys/root"], 2,
-          "--expires")
+    fails(
+        [
+            "init",
+            tmp_path / "new",
+            "--root-key",
+            "keys/root.pub",
+            "--targets-key",
+            "keys/targets.pub",
+            "--snapshot-key",
+            "keys/snapshot.pub",
+            "--timestamp-key",
+            "keys/timestamp.pub",
+            "--expires",
+            expires,
+            "--sign-with",
+            "keys/root",
+        ],
+        2,
+        "--expires",
+    )
     assert not (tmp_path / "new").exists()
 
 
@@ -197,8 +348,9 @@ def test_keygen_refuses_to_overwrite(env: Path) -> None:
 
 def test_publish_without_threshold_names_the_role(env: Path) -> None:
     # Stage targets signed by nobody: publish must say which role lacks how many.
-    result = CliRunner().invoke(cli, [*ADD, "--sign-with", "keys/targets",
-                                      "--passphrase-file", "pass"])
+    result = CliRunner().invoke(
+        cli, [*ADD, "--sign-with", "keys/targets", "--passphrase-file", "pass"]
+    )
     assert result.exit_code == 0
     staged = Path("repo/staged/targets.json")
     import json
@@ -206,17 +358,35 @@ def test_publish_without_threshold_names_the_role(env: Path) -> None:
     doc = json.loads(staged.read_text())
     doc["signatures"] = []
     staged.write_text(json.dumps(doc))
-    unchanged(["publish", "repo", "--snapshot-key", "keys/snapshot", "--timestamp-key",
-               "keys/timestamp"], 2, "targets v2 has 0 of 1", "lacks 1")
+    unchanged(
+        ["publish", "repo", "--snapshot-key", "keys/snapshot", "--timestamp-key", "keys/timestamp"],
+        2,
+        "targets v2 has 0 of 1",
+        "lacks 1",
+    )
 
 
 def test_bad_input_through_the_console_script(env: Path) -> None:
     before = tree_digest(Path("repo"))
     script = Path(sys.executable).parent / "sign-release"
     proc = subprocess.run(
-        [str(script), "add", "repo", "img", "--version", "1.0.0", "--hardware", "x86_64-efi",
-         "--sign-with", "keys/targets", "--passphrase-file", "wrongpass"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        [
+            str(script),
+            "add",
+            "repo",
+            "img",
+            "--version",
+            "1.0.0",
+            "--hardware",
+            "x86_64-efi",
+            "--sign-with",
+            "keys/targets",
+            "--passphrase-file",
+            "wrongpass",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 2
     assert proc.stderr == "sign-release: error: private key keys/targets: wrong passphrase\n"
@@ -228,12 +398,30 @@ def test_repository_in_use_by_another_command(env: Path) -> None:
     from signing.store import Store
 
     with Store(Path("repo")):
-        unchanged([*ADD, "--sign-with", "keys/targets", "--passphrase-file", "pass"], 2,
-                  "another sign-release command is using this repository")
+        unchanged(
+            [*ADD, "--sign-with", "keys/targets", "--passphrase-file", "pass"],
+            2,
+            "another sign-release command is using this repository",
+        )
 
 
 def test_init_under_a_missing_parent(env: Path) -> None:
-    fails(["init", "no/such/dir/repo", "--root-key", "keys/root.pub", "--targets-key",
-           "keys/targets.pub", "--snapshot-key", "keys/snapshot.pub", "--timestamp-key",
-           "keys/timestamp.pub", "--sign-with", "keys/root"], 2, "parent directory")
+    fails(
+        [
+            "init",
+            "no/such/dir/repo",
+            "--root-key",
+            "keys/root.pub",
+            "--targets-key",
+            "keys/targets.pub",
+            "--snapshot-key",
+            "keys/snapshot.pub",
+            "--timestamp-key",
+            "keys/timestamp.pub",
+            "--sign-with",
+            "keys/root",
+        ],
+        2,
+        "parent directory",
+    )
     assert not Path("no").exists()

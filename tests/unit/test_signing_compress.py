@@ -63,21 +63,52 @@ def test_truncated_stream_is_detected(kind: str) -> None:
         b"".join(decompress_chunks(cut, kind))
 
 
-@pytest.mark.parametrize("version", ["0.0.0", "1.2.0", "1.2.0-rc.1", "10.20.30-alpha.beta",
-                                     "1.0.0+build.5", "1.0.0-rc.1+exp.sha.5114f85"])
+@pytest.mark.parametrize(
+    "version",
+    [
+        "0.0.0",
+        "1.2.0",
+        "1.2.0-rc.1",
+        "10.20.30-alpha.beta",
+        "1.0.0+build.5",
+        "1.0.0-rc.1+exp.sha.5114f85",
+    ],
+)
 def test_versions_accepted(version: str) -> None:
     assert VERSION_RE.match(version)
 
 
-@pytest.mark.parametrize("version", ["1.2", "1", "v1.2.0", "1.2.0-", "01.2.0", "1.02.0",
-                                     "1.2.0-01", "1.2.0 ", "1.2.0/x", "../1.2.0", ""])
+@pytest.mark.parametrize(
+    "version",
+    [
+        "1.2",
+        "1",
+        "v1.2.0",
+        "1.2.0-",
+        "01.2.0",
+        "1.02.0",
+        "1.2.0-01",
+        "1.2.0 ",
+        "1.2.0/x",
+        "../1.2.0",
+        "",
+    ],
+)
 def test_versions_refused(version: str) -> None:
     assert not VERSION_RE.match(version)
 
 
-@pytest.mark.parametrize(("field", "value"), [("hardware", ("../etc",)), ("hardware", ()),
-                                             ("role", "a/b"), ("channel", ""),
-                                             ("hardware", ("a", "a")), ("compression", "lz4")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hardware", ("../etc",)),
+        ("hardware", ()),
+        ("role", "a/b"),
+        ("channel", ""),
+        ("hardware", ("a", "a")),
+        ("compression", "lz4"),
+    ],
+)
 def test_release_fields_refused(tmp_path: Path, field: str, value: object) -> None:
     image = tmp_path / "img"
     image.write_bytes(b"x")

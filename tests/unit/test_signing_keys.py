@@ -36,8 +36,7 @@ def test_generated_key_files(tmp_path: Path, key_type: str) -> None:
     # The keyid is the one securesystemslib computes for that public key.
     private = load_private_key_file(tmp_path / "k", lambda _: b"pw")
     assert SSlibKey.from_crypto(private.public_key(), scheme=key.scheme).keyid == key.keyid
-    signer = load_signer(str(tmp_path / "k"), {key.keyid: key}, "targets",
-                         lambda _: b"pw", no_pin)
+    signer = load_signer(str(tmp_path / "k"), {key.keyid: key}, "targets", lambda _: b"pw", no_pin)
     sig = signer.sign(b"payload")
     key.verify_signature(sig, b"payload")
     assert sig.keyid == key.keyid
@@ -109,8 +108,9 @@ def test_private_key_uri_is_matched_against_the_role(tmp_path: Path) -> None:
     # found among the role's keys by a probe signature.
     a = generate_key(tmp_path / "a", "ecdsa-p256", None)
     b = generate_key(tmp_path / "b", "ecdsa-p256", None)
-    signer = load_signer(f"file2:{tmp_path / 'b'}", {a.keyid: a, b.keyid: b}, "targets",
-                         lambda _: None, no_pin)
+    signer = load_signer(
+        f"file2:{tmp_path / 'b'}", {a.keyid: a, b.keyid: b}, "targets", lambda _: None, no_pin
+    )
     assert signer.public_key.keyid == b.keyid
     with pytest.raises(KeyFileError, match="not usable as any key of role targets"):
         load_signer(f"file2:{tmp_path / 'b'}", {a.keyid: a}, "targets", lambda _: None, no_pin)

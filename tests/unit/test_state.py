@@ -100,8 +100,12 @@ def test_check_records_time_and_error() -> None:
 versions = st.text(alphabet="0123456789.-abc", min_size=1, max_size=12)
 
 
-@given(a=versions, b=versions, reasons=st.dictionaries(versions, st.text(max_size=40)),
-       pending=st.booleans())
+@given(
+    a=versions,
+    b=versions,
+    reasons=st.dictionaries(versions, st.text(max_size=40)),
+    pending=st.booleans(),
+)
 def test_json_round_trip(a: str, b: str, reasons: dict[str, str], pending: bool) -> None:
     journal = Journal().with_installed("A", a, T0).with_installed("B", b, T0)
     for version, reason in reasons.items():
@@ -170,9 +174,15 @@ def test_unwritable_state_dir_is_update_failed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    [b"", b"{\"schema\": 1, \"slots\": {", b"\xff\xfe", b"[]", b'{"schema": 99}',
-     b'{"schema": 1, "slots": {"C": {}}, "pending": null, "failed_versions": {}, '
-     b'"last_check": null, "last_error": null}'],
+    [
+        b"",
+        b'{"schema": 1, "slots": {',
+        b"\xff\xfe",
+        b"[]",
+        b'{"schema": 99}',
+        b'{"schema": 1, "slots": {"C": {}}, "pending": null, "failed_versions": {}, '
+        b'"last_check": null, "last_error": null}',
+    ],
 )
 def test_corrupt_journal_falls_back_to_backup(
     tmp_path: Path, damage: bytes, caplog: pytest.LogCaptureFixture

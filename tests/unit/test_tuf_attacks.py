@@ -146,9 +146,7 @@ def test_signature_by_an_unknown_key(
     assert cache(tmp_path)["snapshot.json"] == trusted["snapshot.json"]
 
 
-def test_fast_forward_recovery_after_key_rotation(
-    sim: RepositorySimulator, tmp_path: Path
-) -> None:
+def test_fast_forward_recovery_after_key_rotation(sim: RepositorySimulator, tmp_path: Path) -> None:
     # A compromised timestamp key pushed version 1000 to the client...
     sim.timestamp.version = 999
     sim.update_timestamp()
@@ -190,14 +188,21 @@ def test_wrong_software_target_for_other_hardware(
     targets = client(sim, tmp_path).targets()
     assert len(targets) == 2
     picked = release.select(
-        targets, hardware="x86_64-generic", channel="stable",
-        installed_version="1.0.0", failed_versions=(),
+        targets,
+        hardware="x86_64-generic",
+        channel="stable",
+        installed_version="1.0.0",
+        failed_versions=(),
     )
     assert picked is None
     with pytest.raises(release.ReleaseRejected, match=r"2\.0\.0 is not available.*x86_64"):
         release.select(
-            targets, hardware="x86_64-generic", channel="stable",
-            installed_version="1.0.0", failed_versions=(), want_version="2.0.0",
+            targets,
+            hardware="x86_64-generic",
+            channel="stable",
+            installed_version="1.0.0",
+            failed_versions=(),
+            want_version="2.0.0",
         )
 
 

@@ -85,8 +85,7 @@ class GptPrioBootloader:
         disk = read_gpt(self.disk)
         bootable = [(disk.find(self.labels[s]), s) for s in SLOTS]
         # Highest priority wins; on a tie, slot order (as the firmware scans entries).
-        ranked = sorted((-p.priority, i, s) for i, (p, s) in enumerate(bootable)
-                        if will_boot(p))
+        ranked = sorted((-p.priority, i, s) for i, (p, s) in enumerate(bootable) if will_boot(p))
         return ranked[0][2] if ranked else None
 
     def set_primary(self, slot: str) -> None:

@@ -113,9 +113,7 @@ class GrubBootloader:
         env = read_grubenv(self.grubenv)
         rest = [name for name in _order(env) if name not in (slot, other(slot))]
         order = " ".join([slot, other(slot), *rest])
-        update_grubenv(
-            self.grubenv, set={"ORDER": order, f"{slot}_OK": "1", f"{slot}_TRY": "0"}
-        )
+        update_grubenv(self.grubenv, set={"ORDER": order, f"{slot}_OK": "1", f"{slot}_TRY": "0"})
 
 
 REGISTRY["grub"] = GrubBootloader

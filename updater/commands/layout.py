@@ -89,15 +89,19 @@ def show(ctx: click.Context, target: Path, as_json: bool) -> None:
     if _want_json(ctx, as_json):
         echo_json(rows)
     else:
-        click.echo(f"{target}: disk GUID {disk.disk_guid}, {disk.sector_size}-byte sectors, "
-                   f"usable LBA {disk.first_usable_lba}-{disk.last_usable_lba}")
+        click.echo(
+            f"{target}: disk GUID {disk.disk_guid}, {disk.sector_size}-byte sectors, "
+            f"usable LBA {disk.first_usable_lba}-{disk.last_usable_lba}"
+        )
         head = f"{'#':>3} {'name':<12} {'type':<14} {'first':>10} {'last':>10} {'size':>10}"
         click.echo(f"{head} {'unique GUID':<36} prio tries ok")
         for r in rows:
-            click.echo(f"{r['number']:>3} {r['name']:<12} {r['type']:<14} {r['first_lba']:>10} "
-                       f"{r['last_lba']:>10} {_human(r['size_bytes']):>10} "
-                       f"{r['unique_guid']:<36} {r['priority']:>4} {r['tries']:>5} "
-                       f"{int(r['successful']):>2}")
+            click.echo(
+                f"{r['number']:>3} {r['name']:<12} {r['type']:<14} {r['first_lba']:>10} "
+                f"{r['last_lba']:>10} {_human(r['size_bytes']):>10} "
+                f"{r['unique_guid']:<36} {r['priority']:>4} {r['tries']:>5} "
+                f"{int(r['successful']):>2}"
+            )
     for note in disk.damaged:
         click.echo(f"damaged: {note} (run `updater layout repair {target}`)", err=True)
 

@@ -203,7 +203,7 @@ def detect_booted_slot(
     raise UpdateFailed(
         "cannot tell which slot is booted: no updater.slot= on the kernel command line, "
         f"{root_arg} names no slot partition, and / (device {root_dev or 'unknown'}) is "
-        "not a slot partition; set [device] booted_slot = \"A\" or \"B\" to override"
+        'not a slot partition; set [device] booted_slot = "A" or "B" to override'
     )
 
 

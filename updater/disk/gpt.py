@@ -156,11 +156,18 @@ class GptDisk:
     def validate(self) -> None:
         """Refuse a table a firmware would misread: overlaps, out-of-range entries."""
         where = self.source
-        if not (self.entries_lba + self.entry_array_sectors <= self.first_usable_lba
-                <= self.last_usable_lba < self.backup_entries_lba < self.backup_lba
-                < self.total_sectors):
-            raise GPTError(f"{where}: usable range {self.first_usable_lba}-"
-                           f"{self.last_usable_lba} does not fit the disk")
+        if not (
+            self.entries_lba + self.entry_array_sectors
+            <= self.first_usable_lba
+            <= self.last_usable_lba
+            < self.backup_entries_lba
+            < self.backup_lba
+            < self.total_sectors
+        ):
+            raise GPTError(
+                f"{where}: usable range {self.first_usable_lba}-"
+                f"{self.last_usable_lba} does not fit the disk"
+            )
         prev: Partition | None = None
         for p in sorted(self.partitions, key=lambda q: q.first_lba):
             if not 1 <= p.number <= self.num_entries:
@@ -168,9 +175,11 @@ class GptDisk:
             if p.type_guid == _EMPTY_TYPE:
                 raise GPTError(f"{where}: partition {p.number} has the empty type GUID")
             if not self.first_usable_lba <= p.first_lba <= p.last_lba <= self.last_usable_lba:
-                raise GPTError(f"{where}: partition {p.number} ({p.name!r}) sectors "
-                               f"{p.first_lba}-{p.last_lba} are outside the usable range "
-                               f"{self.first_usable_lba}-{self.last_usable_lba}")
+                raise GPTError(
+                    f"{where}: partition {p.number} ({p.name!r}) sectors "
+                    f"{p.first_lba}-{p.last_lba} are outside the usable range "
+                    f"{self.first_usable_lba}-{self.last_usable_lba}"
+                )
             if prev is not None and p.first_lba <= prev.last_lba:
                 raise GPTError(f"{where}: partitions {prev.number} and {p.number} overlap")
             prev = p
@@ -207,14 +216,32 @@ def new_gpt(
 
 def protective_mbr(total_sectors: int) -> bytes:
     """Sector 0: one 0xEE record covering the disk (capped at 2^32-1 sectors)."""
-    record = {"status": 0, "chs_first": b"\x00\x02\x00", "os_type": 0xEE,
-              "chs_last": b"\xff\xff\xff", "first_lba": 1,
-              "sectors": min(total_sectors - 1, 0xFFFFFFFF)}
-    empty = {"status": 0, "chs_first": bytes(3), "os_type": 0, "chs_last": bytes(3),
-             "first_lba": 0, "sectors": 0}
-    return bytes(ProtectiveMbr.build({"boot_code": bytes(440), "disk_signature": 0,
-                                      "reserved": bytes(2),
-                                      "records": [record, empty, empty, empty]}))
+    record = {
+        "status": 0,
+        "chs_first": b"\x00\x02\x00",
+        "os_type": 0xEE,
+        "chs_last": b"\xff\xff\xff",
+        "first_lba": 1,
+        "sectors": min(total_sectors - 1, 0xFFFFFFFF),
+    }
+    empty = {
+        "status": 0,
+        "chs_first": bytes(3),
+        "os_type": 0,
+        "chs_last": bytes(3),
+        "first_lba": 0,
+        "sectors": 0,
+    }
+    return bytes(
+        ProtectiveMbr.build(
+            {
+                "boot_code": bytes(440),
+                "disk_signature": 0,
+                "reserved": bytes(2),
+                "records": [record, empty, empty, empty],
+            }
+        )
+    )
 
 
 def _mbr_problem(raw: bytes) -> str | None:
@@ -244,24 +271,34 @@ def _entries_bytes(disk: GptDisk) -> bytes:
         if _parse_entry(i, raw) == p:
             out += raw  # unchanged: keep even bytes we do not interpret
             continue
-        built = GptEntry.build({
-            "type_guid": p.type_guid, "unique_guid": p.unique_guid, "first_lba": p.first_lba,
-            "last_lba": p.last_lba, "attributes": p.attributes, "name": p.name,
-        })
-        out += built + raw[len(built):]
+        built = GptEntry.build(
+            {
+                "type_guid": p.type_guid,
+                "unique_guid": p.unique_guid,
+                "first_lba": p.first_lba,
+                "last_lba": p.last_lba,
+                "attributes": p.attributes,
+                "name": p.name,
+            }
+        )
+        out += built + raw[len(built) :]
     return bytes(out)
 
 
 def _build_header(disk: GptDisk, *, primary: bool, entries_crc: int) -> bytes:
     fields = {
-        "revision": disk.revision, "header_size": disk.header_size, "header_crc32": 0,
+        "revision": disk.revision,
+        "header_size": disk.header_size,
+        "header_crc32": 0,
         "reserved": disk.header_reserved,
         "my_lba": 1 if primary else disk.backup_lba,
         "alternate_lba": disk.backup_lba if primary else 1,
-        "first_usable_lba": disk.first_usable_lba, "last_usable_lba": disk.last_usable_lba,
+        "first_usable_lba": disk.first_usable_lba,
+        "last_usable_lba": disk.last_usable_lba,
         "disk_guid": disk.disk_guid,
         "entries_lba": disk.entries_lba if primary else disk.backup_entries_lba,
-        "num_entries": disk.num_entries, "entry_size": disk.entry_size,
+        "num_entries": disk.num_entries,
+        "entry_size": disk.entry_size,
         "entries_crc32": entries_crc,
     }
     tail = disk.header_tail or bytes(disk.sector_size - HEADER_SIZE)
@@ -279,8 +316,10 @@ def build_tables(disk: GptDisk) -> dict[str, tuple[int, bytes]]:
     ss = disk.sector_size
     return {
         "backup entries": (disk.backup_entries_lba * ss, entries + pad),
-        "backup header": (disk.backup_lba * ss, _build_header(disk, primary=False,
-                                                              entries_crc=crc)),
+        "backup header": (
+            disk.backup_lba * ss,
+            _build_header(disk, primary=False, entries_crc=crc),
+        ),
         "primary entries": (disk.entries_lba * ss, entries + pad),
         "primary header": (ss, _build_header(disk, primary=True, entries_crc=crc)),
         "mbr": (0, disk.mbr or protective_mbr(disk.total_sectors)),
@@ -294,8 +333,9 @@ def _parse_entry(index: int, raw: bytes) -> Partition | None:
     e = GptEntry.parse(raw)
     if e.type_guid == _EMPTY_TYPE:
         return None
-    return Partition(index + 1, e.type_guid, e.unique_guid, e.first_lba, e.last_lba,
-                     e.attributes, e.name)
+    return Partition(
+        index + 1, e.type_guid, e.unique_guid, e.first_lba, e.last_lba, e.attributes, e.name
+    )
 
 
 class _Bad(Exception):
@@ -330,8 +370,7 @@ def _read_copy(f: int, total: int, ss: int, lba: int) -> _Copy:
         raise _Bad(f"entry size {h.entry_size} at LBA {lba} is invalid")
     length = h.num_entries * h.entry_size
     if length > MAX_ENTRY_ARRAY or h.num_entries == 0:
-        raise _Bad(f"{h.num_entries} entries of {h.entry_size} bytes at LBA {lba} "
-                   f"is out of bounds")
+        raise _Bad(f"{h.num_entries} entries of {h.entry_size} bytes at LBA {lba} is out of bounds")
     if not 2 <= h.entries_lba < total or h.entries_lba * ss + length > total * ss:
         raise _Bad(f"entry array at LBA {h.entries_lba} does not fit the disk")
     if not h.first_usable_lba <= h.last_usable_lba + 1 or h.last_usable_lba >= total:
@@ -400,10 +439,12 @@ def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
         except _Bad as e:
             why["backup"] = why["backup"] or str(e)
     if primary is None and backup is None:
-        raise GPTError(f"{path}: no valid GPT: primary: {why['primary']}; "
-                       f"backup: {why['backup']}")
-    damaged = [f"{copy} GPT: {reason}" for copy, reason in why.items()
-               if reason and (primary if copy == "primary" else backup) is None]
+        raise GPTError(f"{path}: no valid GPT: primary: {why['primary']}; backup: {why['backup']}")
+    damaged = [
+        f"{copy} GPT: {reason}"
+        for copy, reason in why.items()
+        if reason and (primary if copy == "primary" else backup) is None
+    ]
     if primary and backup and _summary(primary) != _summary(backup):
         damaged.append("backup GPT: does not match the primary")
         backup = None
@@ -425,14 +466,25 @@ def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
         backup_lba = h.alternate_lba if 1 < h.alternate_lba < total else total - 1
         backup_entries = 0
     return GptDisk(
-        sector_size=ss, total_sectors=total, disk_guid=h.disk_guid,
-        first_usable_lba=h.first_usable_lba, last_usable_lba=h.last_usable_lba,
-        partitions=parts, damaged=damaged, source=str(path),
-        num_entries=h.num_entries, entry_size=h.entry_size,
+        sector_size=ss,
+        total_sectors=total,
+        disk_guid=h.disk_guid,
+        first_usable_lba=h.first_usable_lba,
+        last_usable_lba=h.last_usable_lba,
+        partitions=parts,
+        damaged=damaged,
+        source=str(path),
+        num_entries=h.num_entries,
+        entry_size=h.entry_size,
         entries_lba=primary.header.entries_lba if primary else 2,
-        backup_lba=backup_lba, backup_entries_lba=backup_entries,
-        revision=h.revision, header_size=h.header_size, header_reserved=h.reserved,
-        header_tail=sector[HEADER_SIZE:], raw_entries=raw, mbr=mbr,
+        backup_lba=backup_lba,
+        backup_entries_lba=backup_entries,
+        revision=h.revision,
+        header_size=h.header_size,
+        header_reserved=h.reserved,
+        header_tail=sector[HEADER_SIZE:],
+        raw_entries=raw,
+        mbr=mbr,
     )
 
 
@@ -446,16 +498,20 @@ def write_gpt(path: Path, disk: GptDisk) -> None:
     with _open(path, os.O_RDWR) as fd:
         _, size = device_geometry(fd, path)
         if size // disk.sector_size < disk.total_sectors:
-            raise GPTError(f"{path}: the table is for {disk.total_sectors} sectors but the "
-                           f"disk has only {size // disk.sector_size}")
+            raise GPTError(
+                f"{path}: the table is for {disk.total_sectors} sectors but the "
+                f"disk has only {size // disk.sector_size}"
+            )
         write_tables(fd, path, tables)
 
 
 def write_tables(fd: int, path: Path, tables: dict[str, tuple[int, bytes]]) -> None:
     """Put built tables on an open disk in the safe order (backup first), fsync'd."""
     try:
-        for names in (("backup entries", "backup header"),
-                      ("primary entries", "primary header", "mbr")):
+        for names in (
+            ("backup entries", "backup header"),
+            ("primary entries", "primary header", "mbr"),
+        ):
             for name in names:
                 offset, data = tables[name]
                 if os.pwrite(fd, data, offset) != len(data):
@@ -470,7 +526,8 @@ def repair_gpt(path: Path) -> list[str]:
     disk = read_gpt(path)
     if disk.damaged:
         # A moved backup (grown image) goes back to the end, where it belongs.
-        fixed = dataclasses.replace(disk, backup_lba=disk.total_sectors - 1,
-                                    backup_entries_lba=0, damaged=[])
+        fixed = dataclasses.replace(
+            disk, backup_lba=disk.total_sectors - 1, backup_entries_lba=0, damaged=[]
+        )
         write_gpt(path, fixed)
     return list(disk.damaged)

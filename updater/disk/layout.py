@@ -70,8 +70,7 @@ ALIAS_OF = {guid: name for name, guid in TYPE_ALIASES.items()}
 _SIZE = re.compile(r"^([1-9][0-9]*)\s*([KMGT])(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _LAYOUT_KEYS = {"name", "description", "disk_guid"}
-_KNOWN_KEYS = {"name", "type", "size", "uuid", "attributes", "priority", "tries",
-               "successful"}
+_KNOWN_KEYS = {"name", "type", "size", "uuid", "attributes", "priority", "tries", "successful"}
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,9 @@ def resolve_type(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise ValueError(f"unknown type {text!r} (a GUID or one of: "
-                         f"{', '.join(sorted(TYPE_ALIASES))})") from None
+        raise ValueError(
+            f"unknown type {text!r} (a GUID or one of: {', '.join(sorted(TYPE_ALIASES))})"
+        ) from None
 
 
 def load_layout(path: Path) -> Layout:
@@ -195,8 +195,9 @@ def plan_layout(layout: Layout, size_bytes: int, sector_size: int = 512) -> GptD
     does not fit)."""
     total = size_bytes // sector_size
     try:
-        empty = new_gpt(total, sector_size=sector_size, disk_guid=layout.disk_guid,
-                        source=layout.source)
+        empty = new_gpt(
+            total, sector_size=sector_size, disk_guid=layout.disk_guid, source=layout.source
+        )
     except GPTError as e:
         raise LayoutError(f"{layout.source}: target of {size_bytes} bytes: {e}") from e
     align = max(ALIGN // sector_size, 1)
@@ -214,13 +215,29 @@ def plan_layout(layout: Layout, size_bytes: int, sector_size: int = 512) -> GptD
                 raise LayoutError(f"{where}: not a multiple of the {sector_size}-byte sector")
             last = first + spec.size // sector_size - 1
         if first > empty.last_usable_lba or last > empty.last_usable_lba or last < first:
-            raise LayoutError(f"{where}: does not fit the target ({size_bytes} bytes; "
-                              f"usable sectors end at {empty.last_usable_lba})")
-        parts.append(Partition(n, spec.type_guid, spec.unique_guid or uuid.uuid4(),
-                               first, last, spec.attributes, spec.name))
+            raise LayoutError(
+                f"{where}: does not fit the target ({size_bytes} bytes; "
+                f"usable sectors end at {empty.last_usable_lba})"
+            )
+        parts.append(
+            Partition(
+                n,
+                spec.type_guid,
+                spec.unique_guid or uuid.uuid4(),
+                first,
+                last,
+                spec.attributes,
+                spec.name,
+            )
+        )
         lba = last + 1
-    return new_gpt(total, sector_size=sector_size, disk_guid=empty.disk_guid,
-                   partitions=parts, source=layout.source)
+    return new_gpt(
+        total,
+        sector_size=sector_size,
+        disk_guid=empty.disk_guid,
+        partitions=parts,
+        source=layout.source,
+    )
 
 
 # --- applying ------------------------------------------------------------------------
@@ -256,8 +273,9 @@ def _busy_reason(path: Path, rdev: int) -> str | None:
     return None
 
 
-def apply_layout(layout: Layout, target: Path, *, size: int | None = None,
-                 force: bool = False) -> tuple[GptDisk, list[str]]:
+def apply_layout(
+    layout: Layout, target: Path, *, size: int | None = None, force: bool = False
+) -> tuple[GptDisk, list[str]]:
     """Write the layout's GPT to a block device or image file; returns the table and
     notes (e.g. a failed partition re-read)."""
     notes: list[str] = []
@@ -290,8 +308,10 @@ def apply_layout(layout: Layout, target: Path, *, size: int | None = None,
     try:
         ss, dev_size = device_geometry(fd, target)
         if size is not None and size < dev_size:
-            raise DeviceError(f"{target}: --size {size} is smaller than the file "
-                              f"({dev_size} bytes); refusing to shrink")
+            raise DeviceError(
+                f"{target}: --size {size} is smaller than the file "
+                f"({dev_size} bytes); refusing to shrink"
+            )
         disk = plan_layout(layout, size or dev_size, ss)
         head = os.pread(fd, 2 * ss, 0)
         if (table := _has_table(head)) is not None and not force:
@@ -303,8 +323,10 @@ def apply_layout(layout: Layout, target: Path, *, size: int | None = None,
             try:
                 fcntl.ioctl(fd, _BLKRRPART)
             except OSError as e:
-                notes.append(f"{target}: the kernel did not re-read the partition table "
-                             f"({e.strerror}); run partprobe or reboot")
+                notes.append(
+                    f"{target}: the kernel did not re-read the partition table "
+                    f"({e.strerror}); run partprobe or reboot"
+                )
     finally:
         os.close(fd)
     return disk, notes
