@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -45,10 +46,10 @@ def via(n: Node, url: str) -> MirrorNode:
     return MirrorNode(**{f.name: getattr(n, f.name) for f in fields(n)}, mirror_url=url)
 
 
-def sync(n: Node, mdir: Path, **kw: object) -> mirror.SyncResult:
+def sync(n: Node, mdir: Path, **kw: Any) -> mirror.SyncResult:
     return mirror.sync(
         f"{n.server.url}/metadata", f"{n.server.url}/targets", mdir, ROOT_JSON, backoff=0.0, **kw
-    )  # type: ignore[arg-type]
+    )
 
 
 def new_release(n: Node, version: str) -> None:
