@@ -48,9 +48,10 @@ def release_custom(
     hardware: tuple[str, ...] = ("x86_64-generic",),
     channel: str = "stable",
     compression: str = "none",
-    raw: bytes = b"",
+    raw: bytes = b"image",
 ) -> dict[str, Any]:
-    """A well-formed `custom` field for a release image (see DESIGN.md, "Trust")."""
+    """A well-formed `custom` field for a release image (see DESIGN.md, "Trust");
+    `raw` is the image content it describes (never empty: nodes refuse empty images)."""
     return {
         "release": {
             "version": version,

@@ -1,18 +1,35 @@
-"""Crash-safe file writes, for every file the project's tools write.
+"""Crash-safe file writes and bounded reads of regular files, for every file the tools
+write or read.
 
-Invariant: a file the tools write is either absent, its old content, or its complete
-new content - never half-written: data goes to a temporary file in the same directory,
-which is fsync'd, renamed over the target, and the directory is fsync'd.
+Invariants:
+* a file the tools write is either absent, its old content, or its complete new
+  content - never half-written: data goes to a temporary file in the same directory,
+  which is fsync'd, renamed over the target, and the directory is fsync'd;
+* a write goes to the file a path *names*: a symlink is resolved first and its target
+  is replaced, the link itself is kept (as `grub-editenv` does), so the file another
+  program reads through the link is the file we wrote;
+* `read_regular` never blocks on a FIFO or device and never reads more than its limit:
+  anything that is not a regular file is an `OSError` before a byte is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,6 +53,15 @@ def makedirs_durable(path: Path) -> None:
         fsync_dir(p.parent)
 
 
+def write_target(path: Path) -> Path:
+    """The file a write to `path` must replace: `path` itself, or where its symlinks
+    lead (the link is kept; a dangling link's target is created). Raises OSError for
+    a symlink loop."""
+    if not path.is_symlink():
+        return path
+    return Path(os.path.realpath(path, strict=False))
+
+
 @contextlib.contextmanager
 def temp_file(directory: Path, prefix: str = ".tmp-") -> Iterator[tuple[IO[bytes], Path]]:
     """A temporary file in `directory`, removed on error or if the caller did not move it."""
@@ -50,8 +76,10 @@ def temp_file(directory: Path, prefix: str = ".tmp-") -> Iterator[tuple[IO[bytes
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
-    """Write `data` (bytes, or chunks streamed in order) to `path`: temp file + fsync +
-    rename + fsync of the directory. Raises OSError; `path` is then unchanged."""
+    """Write `data` (bytes, or chunks streamed in order) to the file `path` names (see
+    `write_target`): temp file + fsync + rename + fsync of the directory. Raises
+    OSError; the file is then unchanged."""
+    path = write_target(path)
     with temp_file(path.parent, prefix=f".{path.name}.") as (f, tmp):
         if isinstance(data, bytes):
             f.write(data)
@@ -63,3 +91,32 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The content of the regular file `path`, at most `limit` bytes.
+
+    Raises OSError: the usual ones (ENOENT, EACCES...), EINVAL "not a regular file
+    (a FIFO)" for anything but a regular file - checked on the open descriptor, opened
+    non-blocking so a FIFO cannot hang the caller - and EFBIG when the file holds more
+    than `limit` bytes. Callers map OSError to their own error with `err.strerror`.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(limit + 1 - size, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return b"".join(chunks)

@@ -48,8 +48,11 @@ _VERSION_RE = re.compile(
     r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?"
 )
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# A role names a partition of a slot (`root`, `boot`, ...) and is part of file names.
+ROLE_RULE = "a lowercase letter, then up to 31 of a-z, 0-9, '_' and '-'"
 _ROLE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _MAX_VERSION_LEN = 128
+_MAX_PATH_LEN = 1024
 
 
 class ReleaseRejected(UpdateRejected):
@@ -103,6 +106,36 @@ def parse_version(text: str) -> Version:
     return Version(text, int(m.group(1)), int(m.group(2)), int(m.group(3)), pre)
 
 
+def check_role(role: object) -> str:
+    """`role` if it is a valid role name; ValueError naming the rule otherwise."""
+    if not isinstance(role, str) or not _ROLE_RE.fullmatch(role):
+        raise ValueError(f"role {role!r} is not a valid role name ({ROLE_RULE})")
+    return role
+
+
+def check_target_path(path: object) -> str:
+    """`path` if it is safe to use below a directory; ValueError naming the rule otherwise.
+
+    A signed target path is still untrusted input: the agent, the mirror and the
+    signing tools join it to directories. It must be relative, its `/`-separated
+    components must be non-empty and not `.` or `..`, and it must hold no control
+    characters (which includes NUL) and no backslash.
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"target path {path!r} is not a non-empty string")
+    if len(path) > _MAX_PATH_LEN:
+        raise ValueError(f"target path {path[:40]!r}... is longer than {_MAX_PATH_LEN} characters")
+    if path.startswith("/"):
+        raise ValueError(f"target path {path!r} is absolute")
+    bad = next((c for c in path if ord(c) < 0x20 or ord(c) == 0x7F or c == "\\"), None)
+    if bad is not None:
+        raise ValueError(f"target path {path!r} contains the character {bad!r}")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"target path {path!r} has an empty, '.' or '..' component")
+    return path
+
+
 @dataclass(frozen=True)
 class Image:
     """One target of a release: the image for one slot role."""
@@ -138,6 +171,7 @@ class _Entry:
 
 def _parse_custom(path: str, target: TargetFile) -> _Entry:
     """Validate one target's `custom.release`; raise ValueError naming the problem."""
+    check_target_path(path)
     custom: Any = target.custom
     rel = custom.get("release") if isinstance(custom, dict) else None
     if not isinstance(rel, dict):
@@ -154,15 +188,14 @@ def _parse_custom(path: str, target: TargetFile) -> _Entry:
     channel, role = rel.get("channel"), rel.get("role")
     if not isinstance(channel, str) or not channel:
         raise ValueError("channel is not a non-empty string")
-    if not isinstance(role, str) or not _ROLE_RE.fullmatch(role):
-        raise ValueError(f"role {role!r} is not a valid role name")
+    check_role(role)
     compression = rel.get("compression")
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression {compression!r} is not one of {sorted(COMPRESSIONS)}")
     raw_length = rel.get("raw_length")
     # bool is an int subclass; `true` is not a length.
-    if not isinstance(raw_length, int) or isinstance(raw_length, bool) or raw_length < 0:
-        raise ValueError("raw_length is not a non-negative integer")
+    if not isinstance(raw_length, int) or isinstance(raw_length, bool) or raw_length <= 0:
+        raise ValueError("raw_length is not a positive integer (an image is never empty)")
     raw_sha256 = rel.get("raw_sha256")
     if not isinstance(raw_sha256, str) or not _SHA256_RE.fullmatch(raw_sha256):
         raise ValueError("raw_sha256 is not 64 lowercase hex digits")

@@ -110,8 +110,8 @@ def test_releases_group_roles_and_sort_oldest_first() -> None:
     assert [r.version for r in found] == ["2.0.0", "10.0.0"]
     assert sorted(found[0].images) == ["boot", "root"]
     image = found[0].images["boot"]
-    assert (image.path, image.compression, image.raw_length) == (f"{HW}/2.0.0/boot.img", "none", 0)
-    assert image.raw_sha256 == hashlib.sha256(b"").hexdigest()
+    assert (image.path, image.compression, image.raw_length) == (f"{HW}/2.0.0/boot.img", "none", 5)
+    assert image.raw_sha256 == hashlib.sha256(b"image").hexdigest()
     assert image.target is targets[image.path]
 
 
@@ -133,6 +133,7 @@ GOOD = release_custom("1.0.0")["release"]
         {"release": {**GOOD, "role": "../etc"}},
         {"release": {**GOOD, "compression": "lz4"}},
         {"release": {**GOOD, "raw_length": -1}},
+        {"release": {**GOOD, "raw_length": 0}},
         {"release": {**GOOD, "raw_length": True}},
         {"release": {**GOOD, "raw_sha256": "ABC"}},
         {"release": {k: v for k, v in GOOD.items() if k != "role"}},
@@ -140,6 +141,29 @@ GOOD = release_custom("1.0.0")["release"]
 )
 def test_malformed_custom_is_skipped_not_fatal(custom: Any) -> None:
     targets = {"bad/1.0.0/root.img": target("bad/1.0.0/root.img", custom), **STD}
+    assert [r.version for r in release.releases(targets, HW, "stable")] == [
+        "1.0.0",
+        "1.1.0",
+        "1.2.0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "x86_64-efi/../../../../tmp/pwned/evil.img",
+        "../evil.img",
+        "/etc/evil.img",
+        "a//root.img",
+        "a/./root.img",
+        "a/root.img/",
+        "a/root\x00.img",
+        "a/root\n.img",
+        "a\\..\\root.img",
+    ],
+)
+def test_unsafe_target_path_is_skipped(path: str) -> None:
+    targets = {path: target(path, release_custom("9.0.0", hardware=(HW,))), **STD}
     assert [r.version for r in release.releases(targets, HW, "stable")] == [
         "1.0.0",
         "1.1.0",
