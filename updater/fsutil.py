@@ -59,7 +59,10 @@ def write_target(path: Path) -> Path:
     a symlink loop."""
     if not path.is_symlink():
         return path
-    return Path(os.path.realpath(path, strict=False))
+    try:
+        return Path(os.path.realpath(path, strict=True))  # ELOOP for a loop
+    except FileNotFoundError:  # a dangling link: its target is created
+        return Path(os.path.realpath(path))
 
 
 @contextlib.contextmanager
