@@ -1,4 +1,6 @@
-"""`update-mirror`: verified sync, verify, export and expiry report of an air-gapped mirror.
+"""`update-mirror`: the verified sync of an air-gapped mirror, and the library facade of
+the command (verify, export, status and the expiry report live in `updater.mirror_read`
+and are re-exported here).
 
 The mirror holds no keys. It runs the agent's own TUF path (`updater.repository.
 Repository`, python-tuf ngclient) against upstream into a private cache, copies the
@@ -17,14 +19,22 @@ Invariants:
   `expiry()` reports the days each role has left.
 * `plan_targets` is pure: which targets to mirror from the verified targets, the
   hardware/channel filter and `--keep`.
+* A signed target path is still untrusted: one that fails `release.check_target_path`
+  is never planned, fetched or linked, and sync reports it (`SyncResult.skipped`).
+* A stored object is reused only after its bytes were hashed again and matched the
+  trusted sha256 and length; otherwise it is downloaded again and replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
+import logging
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,15 +43,30 @@ from typing import Any
 from urllib import parse
 
 from tuf.api.metadata import Metadata, TargetFile  # type: ignore[attr-defined]
-from tuf.api.serialization import DeserializationError
 
 from updater import release
 from updater.errors import ConfigError
-from updater.fsutil import atomic_write, fsync_dir
+from updater.mirror_read import expiry, export, metadata_files, status, verify
 from updater.mirror_store import MirrorDir, MirrorError, MirrorRejected
 from updater.repository import Repository, TargetRejected
 
+__all__ = [
+    "SyncResult",
+    "Wanted",
+    "expiry",
+    "export",
+    "metadata_files",
+    "plan_targets",
+    "status",
+    "sync",
+    "unsafe_targets",
+    "verify",
+]
+
+logger = logging.getLogger(__name__)
+
 Key = tuple[str, str]  # (hardware, role)
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -62,10 +87,25 @@ class Wanted:
 
 
 def sha256_of(target: TargetFile) -> str:
+    """The trusted sha256 of a target, which names its object and its served file."""
     digest = target.hashes.get("sha256")
-    if not isinstance(digest, str) or len(digest) != 64:
-        raise TargetRejected(f"target {target.path} has no sha256 hash; the mirror needs one")
+    if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest.lower()):
+        raise TargetRejected(
+            f"target {target.path} has no sha256 hash of 64 hex digits; the mirror needs one"
+        )
     return digest.lower()
+
+
+def unsafe_targets(targets: Mapping[str, TargetFile]) -> dict[str, str]:
+    """{path: why} of the targets whose path fails `release.check_target_path`: they
+    are never planned (`release.releases` skips them), so a sync reports them. Pure."""
+    unsafe: dict[str, str] = {}
+    for path in sorted(targets):
+        try:
+            release.check_target_path(path)
+        except ValueError as e:
+            unsafe[path] = str(e)
+    return unsafe
 
 
 def _pairs(targets: Mapping[str, TargetFile]) -> set[tuple[str, str]]:
@@ -167,6 +207,7 @@ class SyncResult:
     downloaded: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     removed_objects: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # target path -> why
     bytes_downloaded: int = 0
     releases: list[dict[str, Any]] = field(default_factory=list)
     expiry: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -178,24 +219,53 @@ class SyncResult:
 def _fetch_object(
     repo: Repository, store: MirrorDir, wanted: Wanted, retries: int, backoff: float
 ) -> int:
-    """Stream one target into the object store; returns bytes written."""
+    """Stream one target into the object store (replacing a damaged object of the
+    same name); returns bytes written."""
     sha = sha256_of(wanted.target)
-    fd, tmp = tempfile.mkstemp(dir=store.partial, prefix=f"{sha}.")
-    written = 0
+    obj = store.object_path(sha)
     try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in repo.stream_target(wanted.target, retries=retries, backoff=backoff):
-                f.write(chunk)
-                written += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        # stream_target returned: length and every hash matched.
-        os.rename(tmp, store.object_path(sha))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        fd, tmp = tempfile.mkstemp(dir=store.partial, prefix=f"{sha}.")
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in repo.stream_target(wanted.target, retries=retries, backoff=backoff):
+                    f.write(chunk)
+                    written += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            # stream_target returned: length and every hash matched.
+            os.rename(tmp, obj)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise MirrorError(f"cannot store {wanted.path} as {obj}: {e}") from e
     return written
+
+
+def _holds(obj: Path, target: TargetFile) -> bool:
+    """Whether `obj` is a regular file of the trusted length whose sha256 matches (read
+    whole: a bit flipped on disk keeps the size). A symlink is never trusted."""
+    try:
+        fd = os.open(obj, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return False
+        raise MirrorError(f"cannot read stored object {obj}: {e.strerror}") from e
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size != target.length:
+                return False
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise MirrorError(f"cannot read stored object {obj}: {e.strerror}") from e
+    return digest.hexdigest() == sha256_of(target)
 
 
 def sync(
@@ -224,20 +294,23 @@ def sync(
         repo.refresh()
         targets = repo.targets()
         metadata = verified_metadata(repo)
+        skipped = unsafe_targets(targets)
         plan = plan_targets(targets, hardware, channel, keep)
         if not plan:
             raise ConfigError(
                 f"{metadata_url}: no release for hardware {list(hardware) or 'any'} "
                 f"and channel {channel or 'any'}; nothing to mirror"
             )
-        result = SyncResult(state=0)
+        result = SyncResult(state=0, skipped=skipped)
         links: dict[str, str] = {}
         for wanted in plan:
             sha = sha256_of(wanted.target)
             obj = store.object_path(sha)
-            if obj.exists() and obj.stat().st_size == wanted.target.length:
+            if _holds(obj, wanted.target):
                 result.reused.append(wanted.path)
             else:
+                if obj.exists() or obj.is_symlink():
+                    logger.warning("%s does not match its sha256; downloading it again", obj)
                 result.bytes_downloaded += _fetch_object(repo, store, wanted, retries, backoff)
                 result.downloaded.append(wanted.path)
             links[wanted.url_path()] = sha
@@ -260,190 +333,3 @@ def _release_rows(plan: Iterable[Wanted]) -> list[dict[str, Any]]:
         )
         row["images"][w.role] = {"target": w.path, "file": w.url_path()}
     return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], release.parse_version(k[2])))]
-
-
-def metadata_files(state: Path) -> dict[str, Path]:
-    """The newest served file of each role in a state's metadata/ (by version prefix)."""
-    best: dict[str, tuple[int, Path]] = {}
-    for p in (state / "metadata").iterdir():
-        version, _, rest = p.name.partition(".")
-        if version.isdigit():
-            role, n = rest[: -len(".json")], int(version)
-        elif p.name == "timestamp.json":
-            role, n = "timestamp", 0
-        else:
-            continue
-        if role not in best or n > best[role][0]:
-            best[role] = (n, p)
-    return {role: p for role, (_, p) in sorted(best.items())}
-
-
-def expiry(files: Mapping[str, Path], now: dt.datetime | None = None) -> dict[str, dict[str, Any]]:
-    """{role: {version, expires, days_left}} of served metadata (a report, not a check)."""
-    now = now or dt.datetime.now(dt.UTC)
-    report: dict[str, dict[str, Any]] = {}
-    for role, path in files.items():
-        try:
-            signed = Metadata.from_bytes(path.read_bytes()).signed
-        except OSError as e:
-            raise MirrorError(f"cannot read {path}: {e.strerror}") from e
-        except DeserializationError as e:
-            raise MirrorRejected(f"{path}: not TUF metadata: {e}") from e
-        left = signed.expires - now
-        report[role] = {
-            "version": signed.version,
-            "expires": signed.expires.isoformat(timespec="seconds"),
-            "days_left": round(left.total_seconds() / 86400, 1),
-        }
-    return report
-
-
-def verify(directory: Path, trusted_root: Path) -> dict[str, Any]:
-    """Verify the served state as a node would: a fresh ngclient over file:// from
-    `trusted_root`, then every image the state serves against the trusted metadata."""
-    store = MirrorDir(directory)
-    state = store.current()
-    manifest = store.manifest(int(state.name))
-    with tempfile.TemporaryDirectory(prefix="update-mirror-verify-") as cache:
-        repo = Repository(
-            f"file://{state}/metadata", f"file://{state}/targets", trusted_root, Path(cache)
-        )
-        repo.refresh()
-        targets = repo.targets()
-        checked = 0
-        for row in manifest.releases:
-            for image in row["images"].values():
-                if image["target"] not in targets:
-                    raise MirrorRejected(
-                        f"{state}: {image['target']} is not in the trusted targets metadata"
-                    )
-                target = repo.get_targetinfo(image["target"])
-                for _ in repo.stream_target(target, retries=0):
-                    pass
-                checked += 1
-    return {
-        "state": manifest.number,
-        "images_verified": checked,
-        "releases": list(manifest.releases),
-        "expiry": expiry(metadata_files(state)),
-    }
-
-
-EXPORT_README = """\
-Update medium exported by update-mirror
-=======================================
-
-This disk holds a signed update repository (metadata/ and targets/) copied from a
-verified mirror. It holds no keys: every node verifies it against the root.json in
-its own OS image, exactly as it verifies its online update server.
-
-To update a node:
-
-    mount -o ro LABEL=UPDATES /mnt        # or whichever device this disk is
-    updater install --from /mnt
-    umount /mnt
-
-Releases on this disk:
-{releases}
-Metadata expiry (days left when exported on {date}):
-{expiry}
-A node refuses expired metadata: use this disk before the timestamp expires, or ask
-for a fresh export.
-"""
-
-
-def export(
-    directory: Path, dest: Path, hardware: str | None = None, version: str | None = None
-) -> dict[str, Any]:
-    """Copy the current state's metadata and the chosen images, and a README, to `dest`.
-
-    Images are hashed while copied and compared with their sha256 name; every file is
-    written temp + fsync + rename, the metadata last and `timestamp.json` very last.
-    """
-    store = MirrorDir(directory)
-    state = store.current()
-    manifest = store.manifest(int(state.name))
-    rows = [
-        r
-        for r in manifest.releases
-        if (hardware is None or r["hardware"] == hardware)
-        and (version is None or r["version"] == version)
-    ]
-    if not rows:
-        raise ConfigError(
-            f"{directory}: no mirrored release matches hardware "
-            f"{hardware or 'any'} and version {version or 'any'}"
-        )
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MirrorError(f"cannot create {dest}: {e.strerror}") from e
-    copied = 0
-    for url_path in sorted({i["file"] for r in rows for i in r["images"].values()}):
-        copied += _copy_verified(state / "targets" / url_path, dest / "targets" / url_path)
-    meta = sorted((state / "metadata").iterdir(), key=lambda p: p.name == "timestamp.json")
-    for p in meta:
-        _copy_verified(p, dest / "metadata" / p.name)
-    report = expiry(metadata_files(state))
-    text = EXPORT_README.format(
-        releases="".join(
-            f"  {r['hardware']}  {r['channel']}  {r['version']}  "
-            f"({', '.join(sorted(r['images']))})\n"
-            for r in rows
-        ),
-        date=dt.datetime.now(dt.UTC).date().isoformat(),
-        expiry="".join(
-            f"  {role:10} {e['days_left']:>7} days (until {e['expires']})\n"
-            for role, e in report.items()
-        ),
-    )
-    _write_new(dest / "README.txt", text.encode())
-    return {"dest": str(dest), "releases": rows, "bytes": copied, "expiry": report}
-
-
-def _copy_verified(src: Path, dest: Path) -> int:
-    """Copy src -> dest atomically; an image's sha256 must match its name's prefix."""
-    expect = src.name.split(".", 1)[0] if src.parent.name != "metadata" else None
-    h = hashlib.sha256()
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        try:
-            with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
-                while chunk := fin.read(1 << 20):
-                    h.update(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
-            if expect is not None and h.hexdigest() != expect:
-                raise MirrorRejected(f"{src}: sha256 {h.hexdigest()} does not match its name")
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(dest.parent)
-        return dest.stat().st_size
-    except OSError as e:
-        raise MirrorError(f"cannot copy {src} to {dest}: {e}") from e
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    try:
-        atomic_write(path, data)
-    except OSError as e:
-        raise MirrorError(f"cannot write {path}: {e.strerror}") from e
-
-
-def status(directory: Path) -> dict[str, Any]:
-    """The current state, its releases and each role's days left (unverified read)."""
-    store = MirrorDir(directory)
-    state = store.current()
-    manifest = store.manifest(int(state.name))
-    return {
-        "state": manifest.number,
-        "synced_at": manifest.synced_at,
-        "upstream": manifest.upstream,
-        "releases": list(manifest.releases),
-        "expiry": expiry(metadata_files(state)),
-    }

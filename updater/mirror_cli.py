@@ -98,6 +98,12 @@ def sync(
         f"{len(result.downloaded)} image(s) downloaded "
         f"({result.bytes_downloaded} bytes), {len(result.reused)} already present, "
         f"{len(result.removed_objects)} removed",
+        *(
+            [f"skipped {len(result.skipped)} target(s) with unsafe paths:"]
+            + [f"  {why}" for why in result.skipped.values()]
+            if result.skipped
+            else []
+        ),
         "releases:",
         *_release_lines(result.releases),
         "expiry:",
