@@ -9,7 +9,12 @@ Every key is documented in docs/configuration.md. Invariants kept here:
 * every problem is one `ConfigError` line naming the file, the table and the key:
   ``config /etc/updater/config.toml: [device] bootloader: unknown bootloader 'foo' ...``;
 * relative paths are resolved against the directory of the config file, so a config
-  and the files it names can be moved together (demos, tests, image builds).
+  and the files it names can be moved together (demos, tests, image builds);
+* hostile input is one `ConfigError` line too, never a traceback or a hang: the file is
+  read with `fsutil.read_regular` (a FIFO, device or directory is refused, the size is
+  bounded), TOML nested thousands deep is refused by `textparse.loads_toml`, no string
+  (path, URL, name, argv element) holds a NUL byte, every URL parses, and numbers of any
+  size are compared exactly and shown shortened.
 
 Loading does no I/O besides reading the file itself; `check_partitions` is the separate
 step that compares the slots with the partitions really on the disk.
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +32,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from updater.errors import ConfigError
+from updater.fsutil import read_regular
+from updater.release import check_role
 from updater.slots import SLOTS
+from updater.textparse import loads_toml
 
 FALLBACK_BOOTLOADERS: tuple[str, ...] = ("grub", "gptprio")
 REPOSITORY_SCHEMES = ("http", "https", "file")
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; anything near this is not one
+_SHOWN = 40  # characters of a bad value quoted in a message
 
 
 # --- the configuration, as data ----------------------------------------------------------
@@ -130,7 +139,7 @@ class _Table:
         self.seen: set[str] = set()
 
     def error(self, key: str, message: str) -> ConfigError:
-        key = self.prefix + key
+        key = self.prefix + _shown_key(key)
         where = f"[{self.name}] {key}" if key else f"[{self.name}]"
         return ConfigError(f"config {self.file}: {where}: {message}")
 
@@ -150,6 +159,8 @@ class _Table:
             raise self.error(key, f"must be a string, not {_toml_type(value)}")
         if not value.strip():
             raise self.error(key, "must not be empty")
+        if "\0" in value:
+            raise self.error(key, f"{_shown(value)} contains a NUL byte")
         return value
 
     def required_string(self, key: str) -> str:
@@ -171,8 +182,11 @@ class _Table:
         # bool is an int in Python; `deadline = true` is a typo, not 1 second.
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"must be a number, not {_toml_type(value)}")
-        if not math.isfinite(value) or not minimum <= value <= maximum:
-            raise self.error(key, f"{value} is out of range ({minimum:g} to {maximum:g})")
+        # Compared before any float(): a TOML integer may be too large for a float.
+        if (isinstance(value, float) and not math.isfinite(value)) or not (
+            minimum <= value <= maximum
+        ):
+            raise self.error(key, f"{_shown(value)} is out of range ({minimum:g} to {maximum:g})")
         return float(value)
 
     def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
@@ -182,7 +196,7 @@ class _Table:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"must be an integer, not {_toml_type(value)}")
         if not minimum <= value <= maximum:
-            raise self.error(key, f"{value} is out of range ({minimum} to {maximum})")
+            raise self.error(key, f"{_shown(value)} is out of range ({minimum} to {maximum})")
         return value
 
     def argv(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -205,6 +219,23 @@ class _Table:
             raise self.error(unknown[0], f"unknown key (known: {known})")
 
 
+def _shown(value: object) -> str:
+    """`value` for a message: repr'd (control characters escaped), about _SHOWN chars.
+
+    A huge integer is cut by arithmetic: str() of one over 4300 digits raises."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**_SHOWN:
+        drop = int(abs(value).bit_length() * 0.30103) - _SHOWN  # log10(2): digits to cut
+        lead = str(abs(value) // 10**drop)[:_SHOWN]
+        return f"{'-' if value < 0 else ''}{lead}..."
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return shown if len(shown) <= _SHOWN else shown[:_SHOWN] + "..."
+
+
+def _shown_key(key: str) -> str:
+    """A key from the file as written in a message: as is when printable, else repr'd."""
+    return key if key.isprintable() and len(key) <= _SHOWN else _shown(key)
+
+
 def _toml_type(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
     if isinstance(value, list):
@@ -221,11 +252,18 @@ def _argv(value: Any, error: Callable[[str], ConfigError]) -> tuple[str, ...]:
         raise error("every element of the command must be a string")
     if not value[0]:
         raise error("the command name must not be empty")
+    for index, arg in enumerate(value):
+        if "\0" in arg:
+            raise error(f"element {index} ({_shown(arg)}) contains a NUL byte")
     return tuple(value)
 
 
 def _check_url(value: str, schemes: Collection[str], error: Callable[[str], ConfigError]) -> None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsed on access: raises for "h:99999" or "h:x"
+    except ValueError as err:
+        raise error(f"{_shown(value)} is not a valid URL: {err}") from err
     if parts.scheme not in schemes:
         allowed = ", ".join(f"{s}://" for s in schemes)
         raise error(f"{value!r} is not a URL this tool can use (allowed: {allowed})")
@@ -324,6 +362,10 @@ def _slots(root: _Table) -> Mapping[str, Mapping[str, str]]:
             raise sub.error("", 'names no partition (expected e.g. root = "root_a")')
         roles: dict[str, str] = {}
         for role in sub.data:
+            try:
+                check_role(role)  # the rule signed releases' `role` fields obey
+            except ValueError as err:
+                raise sub.error(role, str(err)) from err
             roles[role] = sub.required_string(role)
         result[slot] = MappingProxyType(roles)
     table.finish()
@@ -347,7 +389,9 @@ def _slots(root: _Table) -> Mapping[str, Mapping[str, str]]:
 
 def _health(t: _Table) -> HealthConfig:
     default_timeout = t.number("timeout", 10.0, minimum=0.1, maximum=3600)
-    raw_checks = t.raw("checks", False) or []
+    raw_checks = t.raw("checks", False)
+    if raw_checks is None:
+        raw_checks = []
     if not isinstance(raw_checks, list):
         raise t.error("checks", f"must be an array of tables, not {_toml_type(raw_checks)}")
     checks: list[HealthCheck] = []
@@ -406,8 +450,8 @@ def _hooks(t: _Table) -> HooksConfig:
 def parse_config(text: str, path: Path) -> Config:
     """Validate the TOML `text` of the config file `path` (used for messages and paths)."""
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
+        data = loads_toml(text)
+    except ValueError as err:  # bad syntax, nesting thousands deep, an int of 5000 digits
         raise ConfigError(f"config {path}: not valid TOML: {err}") from err
     root = _Table(path, "", data)
     config = Config(
@@ -422,14 +466,15 @@ def parse_config(text: str, path: Path) -> Config:
     unknown = sorted(set(data) - root.seen)
     if unknown:
         known = ", ".join(sorted(root.seen))
-        raise ConfigError(f"config {path}: [{unknown[0]}]: unknown table (known: {known})")
+        name = _shown_key(unknown[0])
+        raise ConfigError(f"config {path}: [{name}]: unknown table (known: {known})")
     return config
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate the config file at `path`."""
+    """Read and validate the config file at `path` (a regular file, at most 1 MiB)."""
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, MAX_CONFIG_BYTES)
     except OSError as err:
         raise ConfigError(f"config {path}: cannot read: {err.strerror or err}") from err
     try:

@@ -3,13 +3,21 @@ and key; defaults; and check_partitions against a disk laid out by the real sgdi
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import datetime
+import math
 import re
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.bounded import fifo, within
 from tests.conftest import run_tool
 from updater.boot.base import REGISTRY
 from updater.config import (
@@ -326,6 +334,7 @@ TOML_VALUES = [
 ]
 
 
+@settings(deadline=None)  # the first example imports the bootloader registry
 @given(
     line=st.integers(min_value=0, max_value=200),
     value=st.sampled_from(TOML_VALUES),
@@ -340,3 +349,247 @@ def test_any_wrong_value_is_a_config_error(line: int, value: str) -> None:
         parse("\n".join(lines))
     except ConfigError as err:
         assert "\n" not in str(err) and str(err).startswith(f"config {CFG}: ")
+
+
+# --- hostile input: one ConfigError line, never a traceback or a hang -------------------
+
+STRING_LITERALS = [m.start() for m in re.finditer(r'"[^"\n]+"', EXAMPLE)]
+
+
+@pytest.mark.parametrize("start", STRING_LITERALS)
+def test_nul_byte_in_any_string_is_refused(start: int) -> None:
+    """Paths, URLs, names, every argv element: a NUL would reach open(2) or execve(2)."""
+    end = EXAMPLE.index('"', start + 1)
+    text = EXAMPLE[:end] + "\\u0000" + EXAMPLE[end:]
+    assert "contains a NUL byte" in error_of(text)
+
+
+def test_nul_byte_in_a_slot_role_name_is_refused() -> None:
+    message = error_of(edit('root = "root_a"', '"ro\\u0000ot" = "root_a"'))
+    assert "\x00" not in message and "not a valid role name" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://[::1", "[repository] metadata_url: 'http://[::1' is not a valid URL"),
+        ("http://h:99999/m", "[repository] metadata_url: 'http://h:99999/m' is not a valid URL"),
+        ("http://h:x/m", "[repository] metadata_url: 'http://h:x/m' is not a valid URL"),
+    ],
+)
+def test_unparsable_url_is_one_line(url: str, expected: str) -> None:
+    assert expected in error_of(edit('"http://127.0.0.1:8080/metadata"', f'"{url}"'))
+
+
+@pytest.mark.parametrize("depth", [3000, 100_000])
+def test_toml_nested_thousands_deep_is_one_line(depth: int) -> None:
+    for value in ("[" * depth + "]" * depth, "{a=" * depth + "1" + "}" * depth):
+        assert "not valid TOML: nested too deeply" in error_of(f"x = {value}\n" + EXAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("deadline = 600", "deadline = " + "9" * 400, "[health] deadline: 9999999999"),
+        ("deadline = 600", "deadline = -" + "9" * 4000, "[health] deadline: -999999999"),
+        ("retries = 3", "retries = " + "9" * 4000, "[repository] retries: 999999999"),
+        ("checks = [", "checks = 0\nx = [", "[health] checks: must be an array of tables"),
+        ("checks = [", 'checks = ""\nx = [', "[health] checks: must be an array of tables"),
+    ],
+)
+def test_huge_numbers_and_falsy_wrong_types(old: str, new: str, expected: str) -> None:
+    text = edit("[device]", "retries = 3\n[device]")
+    message = error_of(edit(old, new, text))
+    assert expected in message and len(message) < 300, message
+
+
+def test_config_that_is_a_directory_or_too_large(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read: not a regular file \(a directory\)$"):
+        load_config(tmp_path)
+    big = tmp_path / "big.toml"
+    big.write_text(EXAMPLE + "#" * (2 << 20))
+    with pytest.raises(ConfigError, match="cannot read: larger than"):
+        load_config(big)
+
+
+def test_config_that_is_a_fifo_does_not_hang(tmp_path: Path) -> None:
+    with fifo(tmp_path / "config.toml") as path, pytest.raises(ConfigError) as info:
+        within(lambda: load_config(path))
+    assert str(info.value) == f"config {path}: cannot read: not a regular file (a FIFO)"
+
+
+# --- property: whatever the input, only ConfigError comes out ---------------------------
+
+
+@dataclass(frozen=True)
+class Deep:
+    """A value nested `depth` deep: arrays, or inline tables."""
+
+    depth: int
+    tables: bool
+
+
+def toml_key(key: str) -> str:
+    return toml_value(key)
+
+
+def toml_value(value: object) -> str:
+    """TOML text for `value` (tomllib has no writer): inline tables and arrays only."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return (
+            "nan"
+            if math.isnan(value)
+            else {math.inf: "inf", -math.inf: "-inf"}.get(value, repr(value))
+        )
+    if isinstance(value, str):
+        # Escape what TOML forbids raw in a basic string: quote, backslash, controls.
+        escaped = "".join(
+            f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c
+            for c in value
+        )
+        return f'"{escaped}"'
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Deep):
+        if value.tables:
+            return "{a = " * value.depth + "1" + "}" * value.depth
+        return "[" * value.depth + "]" * value.depth
+    raise TypeError(value)
+
+
+def toml_document(data: dict[str, Any]) -> str:
+    return "".join(f"{toml_key(k)} = {toml_value(v)}\n" for k, v in data.items())
+
+
+EXAMPLE_DATA = tomllib.loads(EXAMPLE)
+NAMES = st.sampled_from(
+    sorted({k for t in EXAMPLE_DATA.values() for k in t} | set(EXAMPLE_DATA) | {"A", "B"})
+)
+STRINGS = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(["\0", "a\0b", "http://[::1", "http://h:99999/", "file://", " ", "../x"]),
+    st.builds("{}://{}/{}".format, st.sampled_from(["http", "file", "ftp"]), st.text(), st.text()),
+)
+SCALARS = st.one_of(
+    STRINGS,
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**4000), max_value=10**4000),
+    st.floats(),
+    st.datetimes(),
+    st.builds(Deep, st.integers(min_value=1, max_value=5000), st.booleans()),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(NAMES | st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def paths(data: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key path of a parsed document, tables and array items included."""
+    found: list[tuple[Any, ...]] = []
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    for key, value in items:
+        found.append((*prefix, key))
+        if isinstance(value, dict | list):
+            found.extend(paths(value, (*prefix, key)))
+    return found
+
+
+EXAMPLE_PATHS = paths(EXAMPLE_DATA)
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(EXAMPLE_PATHS),
+        st.sampled_from(["set", "delete", "add"]),
+        NAMES | st.text(max_size=8),
+        VALUES,
+    ),
+    min_size=1,
+    max_size=3,
+)
+COUNTS: dict[str, int] = {}
+
+
+def mutated(mutations: list[tuple[tuple[Any, ...], str, str, Any]]) -> dict[str, Any]:
+    data = copy.deepcopy(EXAMPLE_DATA)
+    for path, action, name, value in mutations:
+        parent: Any = data
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            last = path[-1]
+            if action == "set":
+                parent[last] = value
+            elif action == "delete":
+                del parent[last]
+            elif isinstance(parent[last], dict):
+                parent[last][name] = value
+            else:
+                parent[last] = [parent[last], value]
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed or replaced this path
+    return data
+
+
+def only_config_error(text: str, kind: str) -> None:
+    COUNTS[kind] = COUNTS.get(kind, 0) + 1
+    try:
+        parse(text)
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err).startswith(f"config {CFG}: ")
+        assert len(str(err)) < 2000
+
+
+def test_the_toml_writer_round_trips_the_example() -> None:
+    assert tomllib.loads(toml_document(EXAMPLE_DATA)) == EXAMPLE_DATA
+    parse(toml_document(EXAMPLE_DATA))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(MUTATIONS)
+def test_mutated_documents_give_only_config_errors(
+    mutations: list[tuple[tuple[Any, ...], str, str, Any]],
+) -> None:
+    only_config_error(toml_document(mutated(mutations)), "mutated")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(NAMES | st.text(max_size=8), VALUES, max_size=6))
+def test_arbitrary_documents_give_only_config_errors(data: dict[str, Any]) -> None:
+    only_config_error(toml_document(data), "arbitrary")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text() | st.builds("".join, st.lists(st.sampled_from(EXAMPLE.splitlines(True)))))
+def test_arbitrary_text_gives_only_config_errors(text: str) -> None:
+    only_config_error(text, "text")
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=2000))
+def test_arbitrary_bytes_from_a_file_give_only_config_errors(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
+    COUNTS["bytes"] = COUNTS.get("bytes", 0) + 1
+    path = tmp_path_factory.mktemp("cfg") / "config.toml"
+    path.write_bytes(data)
+    with contextlib.suppress(ConfigError):
+        load_config(path)
+
+
+def test_report_example_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    """Printed with `-s`: how many inputs the property tests above tried in this run."""
+    with capsys.disabled():
+        print(f"\nconfig property tests, examples tried: {COUNTS}")
