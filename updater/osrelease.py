@@ -2,21 +2,29 @@
 
 `IMAGE_VERSION=` is systemd's os-release field for image-based systems; the agent uses
 it for the booted slot's version when its journal has no record yet (the first boot
-of a factory-flashed node). Reads are bounded; a missing file or field is "unknown".
+of a factory-flashed node). A missing file or field is "unknown"; a file that is not a
+regular file (a FIFO would block the agent forever), is larger than 64 KiB or cannot be
+read is a `ConfigError` naming it - the config's `[device] os_release` points at it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from updater.errors import ConfigError
+from updater.fsutil import read_regular
+
+MAX_OS_RELEASE_BYTES = 64 * 1024
+
 
 def image_version(os_release: Path) -> str | None:
     """`IMAGE_VERSION=` of an os-release file (systemd's field for image-based OSes)."""
     try:
-        with os_release.open(encoding="utf-8", errors="replace") as f:
-            text = f.read(64 * 1024)
-    except OSError:
+        text = read_regular(os_release, MAX_OS_RELEASE_BYTES).decode("utf-8", "replace")
+    except FileNotFoundError:
         return None
+    except OSError as err:
+        raise ConfigError(f"os-release file {os_release}: {err.strerror or err}") from err
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip() == "IMAGE_VERSION":

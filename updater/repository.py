@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import time
@@ -49,7 +50,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
 from updater.errors import ConfigError, UpdateFailed, UpdateRejected
-from updater.fsutil import atomic_write
+from updater.fsutil import atomic_write, read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +242,11 @@ class Repository:
     def _read_trusted_root(self, path: Path) -> bytes:
         limit = self.config.root_max_length
         try:
-            with path.open("rb") as f:
-                data = f.read(limit + 1)
+            return read_regular(path, limit)
         except OSError as e:
+            if e.errno == errno.EFBIG:
+                raise MetadataRejected(f"trusted root {path} is larger than {limit} bytes") from e
             raise ConfigError(f"cannot read trusted root {path}: {e.strerror}") from e
-        if len(data) > limit:
-            raise MetadataRejected(f"trusted root {path} is larger than {limit} bytes")
-        return data
 
     def _new_updater(self) -> Updater:
         try:
