@@ -10,6 +10,9 @@ Invariants:
   opened, and a stream producing more than `raw_length` raw bytes is aborted before the
   excess is written. The rest of the partition (beyond `raw_length`) is left as it was:
   images carry their own filesystem size, and `raw_sha256` covers `raw_length` bytes.
+- Defense in depth: every pwrite and every read-back pread is itself checked to lie
+  inside `[target.offset, target.offset + target.size)` (`OutOfPartition`), whatever
+  the checks before it concluded.
 - The input stream is untrusted until its iterator is exhausted without error (the
   repository verifies length and hashes at the end); success is only returned after the
   iterator ended, the raw length and sha256 matched, the data was fsync'd, and the range
@@ -52,6 +55,10 @@ class WriteFailed(DeviceError):
 
 class ReadBackMismatch(DeviceError):
     """What the partition holds is not the image: the read-back hash differs."""
+
+
+class OutOfPartition(SlotGuardError):
+    """A write or read-back reached outside the partition it was given: refused."""
 
 
 @dataclass(frozen=True)
@@ -196,11 +203,16 @@ def _open_for_writing(guard: SlotGuard, target: PartitionTarget) -> int:
 # --- writing and verifying -----------------------------------------------------------
 
 
-def _check_args(target: PartitionTarget, compression: str, raw_length: int, sha: str) -> None:
+def check_image(target: PartitionTarget, compression: str, raw_length: int, sha: str) -> None:
+    """Refuse an image that cannot be written to `target` (pure: used to plan, too)."""
     if compression not in COMPRESSIONS:
         raise ImageRejected(f"image for {target.describe()}: unknown compression {compression!r}")
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise ImageRejected(f"image for {target.describe()}: raw_sha256 {sha!r} is not a sha256")
+    _check_length(target, raw_length)
+
+
+def _check_length(target: PartitionTarget, raw_length: int) -> None:
     if raw_length <= 0:
         raise ImageRejected(f"image for {target.describe()}: raw_length {raw_length} <= 0")
     if raw_length > target.size:
@@ -209,7 +221,20 @@ def _check_args(target: PartitionTarget, compression: str, raw_length: int, sha:
         )
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _inside(target: PartitionTarget, position: int, length: int, doing: str) -> int:
+    """The offset in `target.path` of `length` bytes at `position` in the partition;
+    `OutOfPartition` unless they lie inside `[target.offset, target.offset + size)`."""
+    if position < 0 or length < 0 or position + length > target.size:
+        raise OutOfPartition(
+            f"refusing to {doing} bytes {position}..{position + length} of "
+            f"{target.describe()}: outside its {target.size} bytes"
+        )
+    return target.offset + position
+
+
+def _pwrite_all(fd: int, target: PartitionTarget, data: memoryview, position: int) -> None:
+    """Write `data` at `position` bytes into the partition, all of it, nowhere else."""
+    offset = _inside(target, position, len(data), "write")
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
@@ -227,7 +252,7 @@ def write_image(
 ) -> WriteResult:
     """Stream one (compressed) image into `target`, then read it back and verify it."""
     raw_sha256 = raw_sha256.lower()
-    _check_args(target, compression, raw_length, raw_sha256)
+    check_image(target, compression, raw_length, raw_sha256)
     started = time.monotonic()
     source = ChunkSource(chunks)
     try:
@@ -333,7 +358,7 @@ def _stream_into(
 
     def write(block: memoryview, position: int) -> None:
         try:
-            _pwrite_all(fd, block, target.offset + position)
+            _pwrite_all(fd, target, block, position)
         except OSError as err:
             raise WriteFailed(
                 f"writing {target.describe()} at byte {position}: {err.strerror}"
@@ -390,10 +415,7 @@ def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) 
     Reads the device, not the page cache (clean cached pages of the range are dropped
     first). Raises `ReadBackMismatch` naming slot, partition and both hashes.
     """
-    if raw_length <= 0 or raw_length > target.size:
-        raise ImageRejected(
-            f"cannot verify {raw_length} bytes in {target.describe()} of {target.size} bytes"
-        )
+    _check_length(target, raw_length)
     try:
         fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
@@ -406,8 +428,9 @@ def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) 
         while done < raw_length:
             buf = hasher.take()
             want = min(BLOCK_SIZE, raw_length - done)
+            offset = _inside(target, done, want, "read back")
             with memoryview(buf) as view:
-                n = os.preadv(fd, [view[:want]], target.offset + done)
+                n = os.preadv(fd, [view[:want]], offset)
             if n == 0:
                 raise ReadBackMismatch(
                     f"{target.describe()} ends after {done} of {raw_length} bytes"
