@@ -4,6 +4,10 @@ Thin commands over `signing.repository` / `signing.keys`: parse options, build t
 passphrase and PIN sources (file, environment, terminal prompt - never an argument),
 call the library, print a short result. Errors from the library are `UpdaterError`s
 that `ErrorHandlingGroup` prints as one line with their exit code.
+
+The group option `--allow-example-keys` (or `SIGN_RELEASE_ALLOW_EXAMPLE_KEYS=1`) is the
+one way to sign with, or trust, the INSECURE keys of keys-example/: every command that
+signs passes it to the library, which refuses them otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from signing.keys import (
     load_public_key,
     write_public_key,
 )
+from signing.roles import ALLOW_EXAMPLE_KEYS_ENV
 from signing.status import format_status, repository_status
 from signing.store import ROLES
 from updater import __version__
@@ -106,10 +111,24 @@ def _public_keys(paths: Sequence[Path]) -> list[Any]:
     return [load_public_key(p) for p in paths]
 
 
+def _allow_example_keys() -> bool:
+    obj = click.get_current_context().find_root().obj
+    return bool(obj.get("allow_example_keys")) if isinstance(obj, dict) else False
+
+
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sign-release")
-def cli() -> None:
+@click.option(
+    "--allow-example-keys",
+    is_flag=True,
+    envvar=ALLOW_EXAMPLE_KEYS_ENV,
+    help="This is a demo or test: allow signing with (and trusting) the INSECURE, "
+    f"published keys of keys-example/. Also ${ALLOW_EXAMPLE_KEYS_ENV}=1.",
+)
+@click.pass_context
+def cli(ctx: click.Context, allow_example_keys: bool) -> None:
     """Sign OS images into a TUF repository that every node verifies."""
+    ctx.ensure_object(dict)["allow_example_keys"] = allow_example_keys
 
 
 @cli.command()
@@ -194,7 +213,12 @@ def init(
     if from_root is not None:
         if root_key or targets_key or snapshot_key or timestamp_key or sign_with:
             raise SigningError("--from-root excludes the --*-key and --sign-with options")
-        create.init_from_root(repo, from_root, expires=_parse_expires(expires, ROLES))
+        create.init_from_root(
+            repo,
+            from_root,
+            expires=_parse_expires(expires, ROLES),
+            allow_example_keys=_allow_example_keys(),
+        )
         click.echo(f"{repo}: initialised from {from_root}; add releases, then publish")
         return
     for name, given in (
@@ -216,6 +240,7 @@ def init(
         targets_threshold=targets_threshold,
         expires=_parse_expires(expires, ROLES),
         secrets=_secrets(passphrase_file),
+        allow_example_keys=_allow_example_keys(),
     )
     click.echo(f"{repo}: initialised; add releases, then publish")
 
@@ -248,7 +273,12 @@ def add(
     """Compress IMAGE into REPO and stage it in targets, signed."""
     release = repo_ops.Release(image, version, hardware, role, channel, compression)
     files = repo_ops.add_release(
-        repo, release, sign_with, expires_days=expires_days, secrets=_secrets(passphrase_file)
+        repo,
+        release,
+        sign_with,
+        expires_days=expires_days,
+        secrets=_secrets(passphrase_file),
+        allow_example_keys=_allow_example_keys(),
     )
     for tf in files:
         click.echo(f"staged {tf.path} ({tf.length} bytes, sha256 {tf.hashes['sha256']})")
@@ -274,7 +304,12 @@ def sign(
 ) -> None:
     """Add signatures to the staged ROLE (threshold signing)."""
     t = repo_ops.sign_role(
-        repo, role, sign_with, expires_days=expires_days, secrets=_secrets(passphrase_file)
+        repo,
+        role,
+        sign_with,
+        expires_days=expires_days,
+        secrets=_secrets(passphrase_file),
+        allow_example_keys=_allow_example_keys(),
     )
     click.echo(
         f"{role}: {len(t.signed)} of {t.threshold} signatures"
@@ -304,6 +339,7 @@ def publish(
         timestamp_key,
         expires=_parse_expires(expires, ("snapshot", "timestamp")),
         secrets=_secrets(passphrase_file),
+        allow_example_keys=_allow_example_keys(),
     )
     click.echo("published " + ", ".join(f"{r} v{v}" for r, v in result.versions.items()))
 
@@ -325,6 +361,7 @@ def timestamp(
         timestamp_key,
         expires=_parse_expires(expires, ("timestamp",)),
         secrets=_secrets(passphrase_file),
+        allow_example_keys=_allow_example_keys(),
     )
     click.echo(f"published timestamp v{version}")
 
@@ -364,6 +401,7 @@ def rotate(
         sign_with=sign_with,
         expires_days=expires_days,
         secrets=_secrets(passphrase_file),
+        allow_example_keys=_allow_example_keys(),
     )
     click.echo(
         f"staged new root: {len(t.signed)} of {t.threshold} signatures from its keys"

@@ -16,6 +16,8 @@ from typing import IO, Protocol
 
 import zstandard
 
+from signing.failpoints import failpoint
+
 CHUNK = 1024 * 1024
 COMPRESSIONS = ("zstd", "xz", "gzip", "none")
 SUFFIX = {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}
@@ -89,6 +91,7 @@ def compress_stream(src: IO[bytes], dst: IO[bytes], kind: str, raw_size: int) ->
         raw_hash.update(chunk)
         raw_len += len(chunk)
         emit(comp.compress(chunk))
+        failpoint("add-compressing")
     emit(comp.flush())
     return StoredImage(raw_len, raw_hash.hexdigest(), out_len, out_hash.hexdigest())
 

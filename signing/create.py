@@ -1,7 +1,8 @@
 """Creating a repository: `init` from keys, or around an existing signed root v1.
 
 Invariants: every check (keys, thresholds, signatures, the target directory being
-absent or empty) passes before the first byte is written; a repository that could
+absent or empty, no INSECURE example key trusted or signing unless `allow_example_keys`)
+passes before the first byte is written; a repository that could
 not be completely created is removed again if this call created its directory.
 """
 
@@ -18,7 +19,13 @@ from tuf.api.serialization import DeserializationError
 
 from signing.errors import RepositoryIOError, RepositoryStateError, SigningError, ThresholdError
 from signing.keys import Secrets
-from signing.roles import check_expires, check_threshold, load_signers, sign_all
+from signing.roles import (
+    check_expires,
+    check_threshold,
+    check_trusted_keys,
+    load_signers,
+    sign_all,
+)
 from signing.store import CONFIG_FILE, DEFAULT_EXPIRY_DAYS, ROLES, expiry, role_keys, to_bytes
 from updater.fsutil import atomic_write, makedirs_durable
 
@@ -35,8 +42,10 @@ def init_repository(
     targets_threshold: int = 1,
     expires: Mapping[str, int] | None = None,
     secrets: Secrets | None = None,
+    allow_example_keys: bool = False,
 ) -> None:
-    """Create a repository: staged root v1 (signed with `sign_with`) and empty targets v1."""
+    """Create a repository: staged root v1 (signed with `sign_with`) and empty targets v1.
+    Example keys (keys-example/) may be trusted or sign only with `allow_example_keys`."""
     secrets = secrets or Secrets()
     expires = dict(expires or {})
     check_expires(expires, ROLES)
@@ -56,13 +65,21 @@ def init_repository(
     )
     for role, keys in given.items():
         check_threshold(keys, thresholds.get(role, 1), role)
+        check_trusted_keys({k.keyid: k for k in keys}, f"{role} key", allow_example_keys)
         for key in keys:
             root.add_key(key, role)
         root.roles[role].threshold = thresholds.get(role, 1)
     root_md = Metadata(root)
     if not sign_with:
         raise SigningError("init needs at least one --sign-with root key")
-    sign_all(root_md, load_signers(sign_with, role_keys(root, "root"), "root", secrets))
+    signers = load_signers(
+        sign_with,
+        role_keys(root, "root"),
+        "root",
+        secrets,
+        allow_example_keys=allow_example_keys,
+    )
+    sign_all(root_md, signers)
     days = expires.get("targets", DEFAULT_EXPIRY_DAYS["targets"])
     _create(path, root_md, Metadata(Targets(expires=expiry(days))), expires)
 
@@ -86,10 +103,15 @@ def _create(
 
 
 def init_from_root(
-    path: Path, root_json: Path, *, expires: Mapping[str, int] | None = None
+    path: Path,
+    root_json: Path,
+    *,
+    expires: Mapping[str, int] | None = None,
+    allow_example_keys: bool = False,
 ) -> None:
     """Create a repository around an existing root v1 (e.g. from a key ceremony, or
-    keys-example/root.json): it must be signed to its own threshold."""
+    keys-example/root.json - that one only with `allow_example_keys`): it must be
+    signed to its own threshold."""
     expires = dict(expires or {})
     check_expires(expires, ("targets", "snapshot", "timestamp"))
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -109,5 +131,6 @@ def init_from_root(
         raise ThresholdError(f"root {root_json}: not signed to its own threshold")
     if not root_md.signed.consistent_snapshot:
         raise SigningError(f"root {root_json}: consistent_snapshot must be true")
+    check_trusted_keys(root_md.signed.keys, f"root {root_json}: key", allow_example_keys)
     days = expires.get("targets", DEFAULT_EXPIRY_DAYS["targets"])
     _create(path, root_md, Metadata(Targets(expires=expiry(days))), expires)

@@ -20,6 +20,10 @@ class KeyFileError(SigningError):
     """A key file or key URI cannot be used: missing, wrong passphrase, wrong role."""
 
 
+class ExampleKeyError(KeyFileError):
+    """An INSECURE key of keys-example/ would sign, or be trusted, outside a demo or test."""
+
+
 class RepositoryStateError(SigningError):
     """The repository is not one, or the requested change conflicts with its content."""
 

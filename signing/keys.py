@@ -194,6 +194,13 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def is_key_uri(spec: str) -> bool:
+    """Is `spec` a private key URI (`hsm:...`) rather than a key file? A file of
+    that name wins."""
+    match = _URI_RE.match(spec)
+    return match is not None and match.group(1) in SIGNER_FOR_URI_SCHEME and not Path(spec).exists()
+
+
 def load_signer(
     spec: str,
     candidates: Mapping[str, Key],
@@ -202,9 +209,7 @@ def load_signer(
     pins: PinSource,
 ) -> Signer:
     """A signer for key file or URI `spec`, whose key must be one of `candidates`."""
-    match = _URI_RE.match(spec)
-    is_uri = match is not None and match.group(1) in SIGNER_FOR_URI_SCHEME
-    if is_uri and not Path(spec).exists():
+    if is_key_uri(spec):
         return _load_uri_signer(spec, candidates, role, pins)
     private = load_private_key_file(Path(spec), passphrases)
     keyid = SSlibKey.from_crypto(private.public_key(), scheme=_scheme_for(private)).keyid

@@ -2,9 +2,13 @@
 (creating one is `signing.create`).
 
 Each operation validates everything first - keys, roles, thresholds, versions, expiry,
-the image - and only then writes; so bad input leaves the repository as it was. Writes
-are atomic file by file (`signing.fsutil`); `publish` writes versioned files first and
-`timestamp.json` last, so a node sees either the old or the new repository.
+the image - and only then writes; so bad input leaves the repository as it was. A
+release is refused unless a node would install it (the node's own rules, in
+`updater.release`). The INSECURE keys of keys-example/ sign, or are added to a root,
+only with `allow_example_keys=True` (demos and tests; `signing.roles`). Writes are
+atomic file by file (`updater.fsutil`); `publish` writes versioned files first and
+`timestamp.json` last, so a node sees either the old or the new repository; a publish
+killed half-way is completed by the next command (`signing.store`).
 
 Offline roles (root, targets) are edited in `staged/` and signed there, one signature
 at a time if need be (`sign`); `publish` refuses until every staged role reaches its
@@ -40,9 +44,11 @@ from signing.errors import (
     SigningError,
     ThresholdError,
 )
+from signing.failpoints import failpoint
 from signing.keys import Secrets
 from signing.roles import (
     check_expires,
+    check_trusted_keys,
     load_signers,
     require_threshold,
     root_signing_keys,
@@ -61,14 +67,12 @@ from signing.store import (
     to_bytes,
 )
 from updater.fsutil import fsync_dir, makedirs_durable, temp_file
+from updater.release import VersionError, check_role, check_target_path, parse_version
 
-# Semantic versions (semver.org 2.0.0), e.g. 1.2.0, 1.2.0-rc.1, 1.2.0+build.5.
-_NUM = r"(?:0|[1-9][0-9]*)"
-_PRE = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
-VERSION_RE = re.compile(
-    rf"^{_NUM}\.{_NUM}\.{_NUM}(?:-{_PRE}(?:\.{_PRE})*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
-)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Hardware and channel names: they become directory names of target paths.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+EMPTY_IMAGE = "empty (0 bytes); nodes refuse an image whose raw_length is not positive"
+NAME_RULE = "use letters, digits, '.', '_' and '-', starting with a letter or digit (max 64)"
 
 
 @dataclass(frozen=True)
@@ -83,29 +87,37 @@ class Release:
     compression: str = "zstd"
 
     def validate(self) -> None:
-        if not VERSION_RE.match(self.version):
-            raise SigningError(
-                f"version {self.version!r} is not a version (expected semver like 1.2.0 "
-                "or 1.2.0-rc.1)"
-            )
+        """Refuse anything a node would not install, by the node's own rules
+        (`updater.release`): version, role, target paths, a non-empty image."""
+        try:
+            parse_version(self.version)
+        except VersionError as e:
+            raise SigningError(f"--version: {e}, the form nodes accept") from e
+        try:
+            check_role(self.role)
+        except ValueError as e:
+            raise SigningError(f"--role: {e}") from e
         if not self.hardware:
             raise SigningError("give at least one --hardware")
-        for what, value in [("role", self.role), ("channel", self.channel)] + [
-            ("hardware", h) for h in self.hardware
-        ]:
-            if not NAME_RE.match(value):
-                raise SigningError(
-                    f"{what} {value!r}: use letters, digits, '.', '_' and '-' (max 64)"
-                )
+        for what, value in [("channel", self.channel)] + [("hardware", h) for h in self.hardware]:
+            if not NAME_RE.fullmatch(value):
+                raise SigningError(f"--{what} {value!r}: {NAME_RULE}")
         if len(set(self.hardware)) != len(self.hardware):
             raise SigningError(f"--hardware repeated: {', '.join(self.hardware)}")
         if self.compression not in COMPRESSIONS:
             raise SigningError(
                 f"compression {self.compression!r}: use one of {', '.join(COMPRESSIONS)}"
             )
+        for hw in self.hardware:
+            try:
+                check_target_path(self.target_path(hw))
+            except ValueError as e:
+                raise SigningError(f"hardware {hw}: {e}") from e
         if not self.image.is_file():
             why = "no such file" if not self.image.exists() else "not a regular file"
             raise SigningError(f"image {self.image}: {why}")
+        if self.image.stat().st_size == 0:
+            raise SigningError(f"image {self.image}: {EMPTY_IMAGE}")
 
     def target_path(self, hardware: str) -> str:
         return f"{hardware}/{self.version}/{self.role}.img{SUFFIX[self.compression]}"
@@ -125,6 +137,7 @@ def add_release(
     *,
     expires_days: int | None = None,
     secrets: Secrets | None = None,
+    allow_example_keys: bool = False,
 ) -> list[TargetFile]:
     """Compress `release.image` into the repository and stage it in targets metadata."""
     secrets = secrets or Secrets()
@@ -133,7 +146,13 @@ def add_release(
         raise SigningError(f"--expires {expires_days}: days must be >= 0")
     with Store(path) as store:
         root = store.current_root()
-        signers = load_signers(sign_with, role_keys(root.signed, "targets"), "targets", secrets)
+        signers = load_signers(
+            sign_with,
+            role_keys(root.signed, "targets"),
+            "targets",
+            secrets,
+            allow_example_keys=allow_example_keys,
+        )
         if not signers:
             raise SigningError("add needs at least one --sign-with targets key")
         targets, _ = store.editable("targets", expires_days)
@@ -177,8 +196,11 @@ def _store_image(store: Store, release: Release, created: list[Path]) -> list[Ta
         with release.image.open("rb") as src, temp_file(store.targets_dir) as (dst, tmp):
             raw_size = os.fstat(src.fileno()).st_size
             stored = compress_stream(src, dst, release.compression, raw_size)
+            if stored.raw_length == 0:  # emptied since validate()
+                raise SigningError(f"image {release.image}: {EMPTY_IMAGE}")
             dst.flush()
             os.fsync(dst.fileno())
+            failpoint("add-compressed")
             files = []
             for hw in release.hardware:
                 tpath = release.target_path(hw)
@@ -203,6 +225,7 @@ def _store_image(store: Store, release: Release, created: list[Path]) -> list[Ta
                 files.append(
                     TargetFile(stored.length, {"sha256": stored.sha256}, tpath, {"custom": custom})
                 )
+            failpoint("add-linked")
             return files
     except OSError as e:
         raise RepositoryIOError(f"adding {release.image}: {e.strerror or e}") from e
@@ -215,6 +238,7 @@ def sign_role(
     *,
     expires_days: int | None = None,
     secrets: Secrets | None = None,
+    allow_example_keys: bool = False,
 ) -> Threshold:
     """Add signatures to staged `role`; with nothing staged, stage a new version (new
     expiry) of the published one first. Returns where the role stands afterwards."""
@@ -233,7 +257,9 @@ def sign_role(
         check_not_expired(md, f"staged {role}")
         root = md if role == "root" else store.current_root()
         keys = root_signing_keys(store, root) if role == "root" else role_keys(root.signed, role)
-        sign_all(md, load_signers(sign_with, keys, role, secrets))
+        sign_all(
+            md, load_signers(sign_with, keys, role, secrets, allow_example_keys=allow_example_keys)
+        )
         store.write_staged(md)
         return threshold_of(root.signed, role, md)
 
@@ -245,6 +271,7 @@ def publish(
     *,
     expires: Mapping[str, int] | None = None,
     secrets: Secrets | None = None,
+    allow_example_keys: bool = False,
 ) -> PublishResult:
     """Publish staged root/targets (if signed to threshold) with a new snapshot and
     timestamp."""
@@ -261,10 +288,18 @@ def publish(
             check_not_expired(md, role)
             require_threshold(store, root, role, md)
         snap_signers = load_signers(
-            snapshot_keys, role_keys(root.signed, "snapshot"), "snapshot", secrets
+            snapshot_keys,
+            role_keys(root.signed, "snapshot"),
+            "snapshot",
+            secrets,
+            allow_example_keys=allow_example_keys,
         )
         ts_signers = load_signers(
-            timestamp_keys, role_keys(root.signed, "timestamp"), "timestamp", secrets
+            timestamp_keys,
+            role_keys(root.signed, "timestamp"),
+            "timestamp",
+            secrets,
+            allow_example_keys=allow_example_keys,
         )
         old_snapshot = store.published_snapshot()
         snapshot = Metadata(
@@ -282,14 +317,17 @@ def publish(
         sign_all(timestamp, ts_signers)
         require_threshold(store, root, "timestamp", timestamp)
         staged_targets = store.staged("targets") is not None
-        if staged_root is not None:
-            store.write_published(staged_root)
-        if staged_targets:
-            store.write_published(targets)
-        store.write_published(snapshot)
-        store.write_published(timestamp)  # last: it makes the new versions visible
-        for role in OFFLINE_ROLES:
-            store.drop_staged(role)
+        # In this order: timestamp.json last, as it makes the new versions visible.
+        writes = [staged_root] if staged_root is not None else []
+        writes += [targets] if staged_targets else []
+        writes += [snapshot, timestamp]
+        for md in writes:
+            store.check_publishable(md)
+        for md in writes:
+            store.write_published(md)
+        store.drop_staged("root")
+        failpoint("publish-dropped-root")
+        store.drop_staged("targets")
         return PublishResult(
             {
                 "root": root.signed.version,
@@ -318,6 +356,7 @@ def refresh_timestamp(
     *,
     expires: Mapping[str, int] | None = None,
     secrets: Secrets | None = None,
+    allow_example_keys: bool = False,
 ) -> int:
     """Re-sign the timestamp (new version and expiry) for the published snapshot.
     Needs only the timestamp key; returns the new timestamp version."""
@@ -332,7 +371,11 @@ def refresh_timestamp(
             raise RepositoryStateError(f"{path}: nothing published yet; run `publish` first")
         check_not_expired(snapshot, "published snapshot")
         signers = load_signers(
-            timestamp_keys, role_keys(root.signed, "timestamp"), "timestamp", secrets
+            timestamp_keys,
+            role_keys(root.signed, "timestamp"),
+            "timestamp",
+            secrets,
+            allow_example_keys=allow_example_keys,
         )
         timestamp = Metadata(
             Timestamp(
@@ -357,6 +400,7 @@ def rotate(
     sign_with: Sequence[str] = (),
     expires_days: int | None = None,
     secrets: Secrets | None = None,
+    allow_example_keys: bool = False,
 ) -> Threshold:
     """Stage a new root that changes `role`'s keys (and threshold), signed with
     `sign_with`. When the keys of targets change, targets is staged too, to be
@@ -366,6 +410,7 @@ def rotate(
         raise SigningError(f"role {role!r}: use one of {', '.join(ROLES)}")
     if not (add_keys or remove_keyids or threshold is not None):
         raise SigningError("rotate needs --add-key, --remove-key or --threshold")
+    check_trusted_keys({k.keyid: k for k in add_keys}, "--add-key", allow_example_keys)
     with Store(path) as store:
         root, _ = store.editable("root", expires_days)
         root.signatures.clear()
@@ -392,7 +437,13 @@ def rotate(
                 f"role {role}: threshold {new_threshold} needs between 1 and "
                 f"{len(current)} keys (it would have {len(current)})"
             )
-        signers = load_signers(sign_with, root_signing_keys(store, root), "root", secrets)
+        signers = load_signers(
+            sign_with,
+            root_signing_keys(store, root),
+            "root",
+            secrets,
+            allow_example_keys=allow_example_keys,
+        )
         sign_all(root, signers)
         staged_targets = None
         if role == "targets" and (add_keys or remove_keyids):

@@ -3,7 +3,9 @@
 Invariants: a signer is only ever built for a key the role accepts in the root that
 will be in force (for a new root: its own keys or the previous root's); thresholds
 are counted by python-tuf (`get_verification_result` / `get_root_verification_result`),
-never by hand.
+never by hand; no signer is returned for an INSECURE example key of keys-example/
+(recognised by its public key value, `updater.examplekeys`) unless the caller says this
+is a demo or test (`allow_example_keys`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,44 @@ from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
 
-from signing.errors import KeyFileError, SigningError, ThresholdError
-from signing.keys import Secrets, load_signer
+from signing.errors import ExampleKeyError, KeyFileError, SigningError, ThresholdError
+from signing.keys import Secrets, is_key_uri, load_signer
 from signing.store import OFFLINE_ROLES, Store, role_keys, threshold_of
+from updater.examplekeys import WHY, example_key_name
+
+ALLOW_EXAMPLE_KEYS_ENV = "SIGN_RELEASE_ALLOW_EXAMPLE_KEYS"
+
+
+def check_example_key(what: str, key: Key, allow_example_keys: bool) -> None:
+    """Refuse `key` (described by `what`) if it is an example key, unless allowed."""
+    name = example_key_name(key.keyval)
+    if name is not None and not allow_example_keys:
+        raise ExampleKeyError(
+            f"{what} is the example key {name}: {WHY}; give --allow-example-keys "
+            f"(or {ALLOW_EXAMPLE_KEYS_ENV}=1) only for a demo or test"
+        )
+
+
+def check_trusted_keys(keys: Mapping[str, Key], what: str, allow_example_keys: bool) -> None:
+    """Refuse to make a root trust an example key: anyone could sign for that role."""
+    for keyid, key in keys.items():
+        check_example_key(f"{what} {keyid[:16]}", key, allow_example_keys)
 
 
 def load_signers(
-    specs: Sequence[str], keys: Mapping[str, Key], role: str, secrets: Secrets
+    specs: Sequence[str],
+    keys: Mapping[str, Key],
+    role: str,
+    secrets: Secrets,
+    *,
+    allow_example_keys: bool,
 ) -> list[Signer]:
     signers = [load_signer(s, keys, role, secrets.passphrases, secrets.pins) for s in specs]
     seen: set[str] = set()
     for spec, signer in zip(specs, signers, strict=True):
+        # A key file or a URI: name it as the user gave it.
+        what = f"{'key' if is_key_uri(spec) else 'private key'} {spec}"
+        check_example_key(what, signer.public_key, allow_example_keys)
         if signer.public_key.keyid in seen:
             raise SigningError(f"{spec}: the same key is given twice for role {role}")
         seen.add(signer.public_key.keyid)

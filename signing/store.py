@@ -10,9 +10,19 @@ Layout (consistent snapshots, as TUF specifies them):
 
 Invariants: published files are never rewritten (a new version is a new file) except
 `timestamp.json` and the convenience `root.json`, which are replaced atomically;
-every write is temp file + fsync + rename + directory fsync (`signing.fsutil`); a
+every write is temp file + fsync + rename + directory fsync (`updater.fsutil`); a
 `Store` holds an exclusive lock on the repository directory for its lifetime, so two
 `sign-release` runs never interleave their writes.
+
+A command killed half-way (`publish` writes several files, `add` a large one) is
+settled by the next one, when it takes the lock (`Store._recover`): its temporary files
+are removed, and what a killed `publish` already made public is taken as published.
+What is public follows from how a node reads the repository: N.snapshot.json only
+through timestamp.json and N.targets.json only through that snapshot, so versioned
+snapshot and targets files above what the current timestamp reaches were never seen
+and may be written again; but nodes fetch N.root.json directly (ngclient asks for
+N+1.root.json), so every N.root.json on disk is public and is never replaced - a staged
+root with the same signed content is dropped as published, a different one is refused.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from signing.errors import RepositoryIOError, RepositoryStateError
-from updater.fsutil import atomic_write, fsync_dir, makedirs_durable
+from signing.failpoints import failpoint, then_failpoint
+from updater.fsutil import atomic_write, fsync_dir, makedirs_durable, read_regular
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 OFFLINE_ROLES = ("root", "targets")  # staged and signed by release managers
@@ -42,6 +53,9 @@ DEFAULT_EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1
 MAX_METADATA = 16 * 1024 * 1024
 
 _VERSIONED = re.compile(r"^([1-9][0-9]*)\.(root|targets|snapshot)\.json$")
+# Names of the temporary files of fsutil.temp_file (`.tmp-`) and atomic_write
+# (`.<name>.`); tempfile.mkstemp appends 8 characters of [a-z0-9_].
+_TEMP_FILE = re.compile(r"\.(?:tmp-|.+\.)[a-z0-9_]{8}")
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -113,12 +127,72 @@ class Store:
                 f"{self.path}: another sign-release command is using this repository"
             ) from None
         self._lock_fd = fd
+        try:
+            self._recover()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
+
+    # --- settling what a killed command left -------------------------------------
+
+    def _recover(self) -> None:
+        """Remove temporary files and settle an interrupted publish (lock held)."""
+        try:
+            self._remove_temp_files()
+            self._settle_publish()
+        except OSError as e:
+            raise RepositoryIOError(
+                f"{self.path}: cannot clean up after an interrupted command: {e.strerror}"
+            ) from e
+
+    def _remove_temp_files(self) -> None:
+        for directory in (self.metadata_dir, self.targets_dir, self.staged_dir):
+            if not directory.is_dir():
+                continue
+            removed = False
+            for p in directory.iterdir():
+                if _TEMP_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink()
+                    removed = True
+            if removed:
+                fsync_dir(directory)
+
+    def _settle_publish(self) -> None:
+        """A publish killed after writing N.root.json, the root.json copy or
+        timestamp.json, but before dropping what it published from staged/: finish
+        those steps. (Snapshot and targets files it wrote but did not make reachable
+        are simply written again by the next publish; see `check_publishable`.)"""
+        newest = self.published_root_version()
+        if newest:
+            data = read_regular(self.metadata_dir / f"{newest}.root.json", MAX_METADATA)
+            copy = self.metadata_dir / "root.json"
+            if not copy.is_file() or read_regular(copy, MAX_METADATA) != data:
+                atomic_write(copy, data)
+        root = self.staged("root")
+        if root is not None:
+            public = self.metadata_dir / f"{root.signed.version}.root.json"
+            if public.exists() and self._read(public).signed_bytes == root.signed_bytes:
+                self.drop_staged("root")
+        targets = self.staged("targets")
+        if targets is not None:
+            published = self.published_targets()
+            if published is not None and published.signed_bytes == targets.signed_bytes:
+                self.drop_staged("targets")
+
+    def _reachable_version(self, role: str) -> int:
+        """The version of snapshot or targets that the published timestamp leads a
+        node to (0: none); higher versioned files were never visible."""
+        if role == "snapshot":
+            ts = self.published_timestamp()
+            return ts.signed.snapshot_meta.version if ts is not None else 0
+        snapshot = self.published_snapshot()
+        return snapshot.signed.meta["targets.json"].version if snapshot is not None else 0
 
     # --- reading -----------------------------------------------------------------
 
@@ -218,21 +292,48 @@ class Store:
     def write_staged(self, md: Metadata[Any]) -> None:
         try:
             makedirs_durable(self.staged_dir)
-            atomic_write(self.staged_dir / f"{md.signed.type}.json", to_bytes(md))
+            role = md.signed.type
+            data = then_failpoint(to_bytes(md), f"staged-{role}-temp")
+            atomic_write(self.staged_dir / f"{role}.json", data)
+            failpoint(f"staged-{role}")
         except OSError as e:
             raise RepositoryIOError(f"{self.staged_dir}: cannot write: {e.strerror}") from e
 
-    def write_published(self, md: Metadata[Any]) -> None:
-        """Publish one metadata file; versioned files are never overwritten."""
+    def _published_path(self, md: Metadata[Any]) -> Path:
         role = md.signed.type
         name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
-        path = self.metadata_dir / name
-        if role != "timestamp" and path.exists():
+        return self.metadata_dir / name
+
+    def check_publishable(self, md: Metadata[Any]) -> None:
+        """Refuse to publish `md` over a file a node may have seen: any N.root.json
+        (nodes fetch them directly; one equal to the staged root was settled as
+        published when the lock was taken, so this one differs), and snapshot or
+        targets files up to the versions the timestamp reaches. Higher ones were written
+        by a killed publish and never seen: publishing writes them again."""
+        role = md.signed.type
+        path = self._published_path(md)
+        if role == "root" and path.exists():
+            raise RepositoryStateError(
+                f"{path}: already published and differs from staged root "
+                f"v{md.signed.version}; nodes fetch every N.root.json, so it is never "
+                f"replaced: remove {self.staged_dir / 'root.json'} and stage the change again"
+            )
+        reachable = self._reachable_version(role) if role in ("targets", "snapshot") else 0
+        if path.exists() and md.signed.version <= reachable:
             raise RepositoryStateError(f"{path}: already published; refusing to overwrite")
+
+    def write_published(self, md: Metadata[Any]) -> None:
+        """Publish one metadata file (see `check_publishable`)."""
+        self.check_publishable(md)
+        role = md.signed.type
+        path = self._published_path(md)
         try:
-            atomic_write(path, to_bytes(md))
+            atomic_write(path, then_failpoint(to_bytes(md), f"metadata-{role}-temp"))
+            failpoint(f"metadata-{role}")
             if role == "root":
-                atomic_write(self.metadata_dir / "root.json", to_bytes(md))
+                copy = then_failpoint(to_bytes(md), "metadata-root-copy-temp")
+                atomic_write(self.metadata_dir / "root.json", copy)
+                failpoint("metadata-root-copy")
         except OSError as e:
             raise RepositoryIOError(f"{path}: cannot write: {e.strerror}") from e
 

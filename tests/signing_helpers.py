@@ -1,8 +1,11 @@
 """Build signed TUF repositories for tests and benchmarks, with the real signing tools.
 
 Repositories are made by `signing.repository` (the library behind `sign-release`) from
-the INSECURE example keys in keys-example/; their `metadata/1.root.json` is exactly
-`ROOT_JSON`, so a client bootstrapped with `ROOT_JSON` trusts every one of them.
+the INSECURE example keys in keys-example/ - the library refuses those unless told that
+this is a test, so every call here passes `allow_example_keys=True` (a test running the
+`sign-release` CLI sets `SIGN_RELEASE_ALLOW_EXAMPLE_KEYS=1` or `--allow-example-keys`);
+their `metadata/1.root.json` is exactly `ROOT_JSON`, so a client bootstrapped with
+`ROOT_JSON` trusts every one of them.
 
     repo = make_repo(tmp_path / "repo", [ImageSpec(img, "1.2.0")])
     add_release(repo, [ImageSpec(img2, "1.3.0", hardware=("x86_64-efi",))])
@@ -62,7 +65,7 @@ def add_release(repo: Path, images: Sequence[ImageSpec]) -> list[str]:
     Call `publish(repo)` to make them visible to clients."""
     paths: list[str] = []
     for spec in images:
-        files = ops.add_release(repo, spec.release(), [str(TARGETS_KEY)])
+        files = ops.add_release(repo, spec.release(), [str(TARGETS_KEY)], allow_example_keys=True)
         paths.extend(tf.path for tf in files)
     return paths
 
@@ -70,7 +73,13 @@ def add_release(repo: Path, images: Sequence[ImageSpec]) -> list[str]:
 def publish(repo: Path, expires: Mapping[str, int] | None = None) -> dict[str, int]:
     """Publish what is staged with a new snapshot and timestamp; returns the versions.
     `expires` may set {"snapshot": days, "timestamp": days} (0 = already expired)."""
-    result = ops.publish(repo, [str(SNAPSHOT_KEY)], [str(TIMESTAMP_KEY)], expires=expires)
+    result = ops.publish(
+        repo,
+        [str(SNAPSHOT_KEY)],
+        [str(TIMESTAMP_KEY)],
+        expires=expires,
+        allow_example_keys=True,
+    )
     return result.versions
 
 
@@ -78,7 +87,7 @@ def make_repo(
     dest: Path, images: Sequence[ImageSpec] = (), expires: Mapping[str, int] | None = None
 ) -> Path:
     """Create a published repository at `dest` (absent or empty) holding `images`."""
-    create.init_from_root(dest, ROOT_JSON)
+    create.init_from_root(dest, ROOT_JSON, allow_example_keys=True)
     add_release(dest, images)
     publish(dest, expires)
     return dest

@@ -23,8 +23,12 @@ from tests.signing_helpers import KEYS_DIR, ROOT_JSON, ImageSpec, make_repo, wri
 SIGN_RELEASE = Path(sys.executable).parent / "sign-release"
 
 
+# These tests sign with the INSECURE keys of keys-example/: say so.
+ALLOW = {"SIGN_RELEASE_ALLOW_EXAMPLE_KEYS": "1"}
+
+
 def sr(args: Sequence[str | Path], code: int = 0) -> Result:
-    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="sign-release")
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="sign-release", env=ALLOW)
     assert result.exit_code == code, (result.stdout, result.stderr)
     return result
 
@@ -36,6 +40,7 @@ def faketime(offset: str, *args: str | Path) -> subprocess.CompletedProcess[str]
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **ALLOW},
     )
 
 

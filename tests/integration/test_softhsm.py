@@ -44,7 +44,14 @@ def test_targets_key_in_softhsm_signs_a_release(tmp_path: Path) -> None:
         f"directories.tokendir = {tmp_path / 'tokens'}\n"
         "objectstore.backend = file\nlog.level = ERROR\n"
     )
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "PYKCS11LIB": MODULE, "SIGN_RELEASE_PIN": PIN}
+    env = {
+        **os.environ,
+        "SOFTHSM2_CONF": str(conf),
+        "PYKCS11LIB": MODULE,
+        "SIGN_RELEASE_PIN": PIN,
+        # root, snapshot and timestamp are the INSECURE keys of keys-example/ (a test)
+        "SIGN_RELEASE_ALLOW_EXAMPLE_KEYS": "1",
+    }
     os.environ["SOFTHSM2_CONF"] = str(conf)  # for run_tool's softhsm2-util below
     try:
         run_tool(

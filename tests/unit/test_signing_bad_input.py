@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from signing.cli import cli
+from signing.compress import COMPRESSIONS
 from signing.create import init_repository
 from signing.keys import generate_key, load_public_key
 from signing.repository import Release, add_release, publish
@@ -192,25 +193,69 @@ def test_version_already_published(env: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("version", ["1.2", "v1.2.0", "1.2.0-", "01.2.0", "latest", ""])
-def test_version_that_is_not_a_version(env: Path, version: str) -> None:
-    unchanged(
-        [
-            "add",
-            "repo",
-            "img",
-            "--version",
-            version,
-            "--hardware",
-            "x86_64-efi",
-            "--sign-with",
-            "keys/targets",
-            "--passphrase-file",
-            "pass",
-        ],
-        2,
-        "is not a version",
-    )
+def add_args(image: str = "img", **fields: str) -> list[str]:
+    """`add` of `image` with `fields` (version, hardware, role, channel) overriding a
+    valid release, signed with the (encrypted) targets key."""
+    values = {"version": "1.1.0", "hardware": "x86_64-efi", **fields}
+    args = ["add", "repo", image]
+    for name, value in values.items():
+        args += [f"--{name}", value]
+    return [*args, "--sign-with", "keys/targets", "--passphrase-file", "pass"]
+
+
+# Everything a node would not install (updater.release's rules) is refused by `add`.
+BAD_VERSIONS = ["1.2", "v1.2.0", "1.2.0-", "01.2.0", "1.0", "01.0.0", "latest", ""]
+BAD_VERSIONS += ["1.2.0+build.5", "1.0.0-rc.1+exp", "3.0.1\n", "3.0.1\r", " 3.0.1", "1.2.0/x"]
+
+
+@pytest.mark.parametrize("version", BAD_VERSIONS)
+def test_version_that_nodes_refuse(env: Path, version: str) -> None:
+    unchanged(add_args(version=version), 2, "--version", repr(version), "MAJOR.MINOR.PATCH[-PRE]")
+
+
+@pytest.mark.parametrize("role", ["ROOT", "Root", "root.img", "root.fs", "1root", "a/b", "root\n"])
+def test_role_that_nodes_refuse(env: Path, role: str) -> None:
+    unchanged(add_args(role=role), 2, "--role", repr(role), "a lowercase letter")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hardware", "x86_64-efi\n"),
+        ("hardware", "../etc"),
+        ("hardware", "a/b"),
+        ("hardware", ".hidden"),
+        ("hardware", "x" * 65),
+        ("channel", "stable\n"),
+        ("channel", ""),
+        ("channel", "a b"),
+    ],
+)
+def test_hardware_or_channel_name_refused(env: Path, field: str, value: str) -> None:
+    unchanged(add_args(**{field: value}), 2, f"--{field} {value!r}", "letters, digits")
+
+
+def test_empty_image_refused(env: Path) -> None:
+    Path("empty.img").write_bytes(b"")
+    unchanged(add_args("empty.img"), 2, "image empty.img", "empty", "raw_length")
+
+
+def test_target_paths_follow_the_node_rule(tmp_path: Path) -> None:
+    """Whatever passes validate() makes target paths that release.check_target_path
+    accepts (the one rule the agent and mirror apply to signed paths)."""
+    from updater.release import check_target_path
+
+    image = tmp_path / "img"
+    image.write_bytes(b"x")
+    tried = 0
+    for hw in ("a", "a..b", "A.1", "x_-.", "9" * 64):
+        for version in ("0.0.0", "1.2.3-rc.1", "10.0.0-x-y.0"):
+            for compression in COMPRESSIONS:
+                release = Release(image, version, (hw,), "boot_2", "c", compression)
+                release.validate()
+                assert check_target_path(release.target_path(hw)) == release.target_path(hw)
+                tried += 1
+    assert tried == 60
 
 
 def test_expired_role_when_signing(env: Path) -> None:
