@@ -188,7 +188,7 @@ def _parse_custom(path: str, target: TargetFile) -> _Entry:
     channel, role = rel.get("channel"), rel.get("role")
     if not isinstance(channel, str) or not channel:
         raise ValueError("channel is not a non-empty string")
-    check_role(role)
+    role = check_role(role)
     compression = rel.get("compression")
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression {compression!r} is not one of {sorted(COMPRESSIONS)}")
