@@ -21,7 +21,9 @@ Invariants:
   after a crash converges (a slot already holding the verified version is re-verified,
   not re-downloaded);
 * the agent never leaves the node without a bootable slot: with no good fallback a
-  failed health check is reported, not turned into a rollback to an empty slot.
+  failed health check is reported, not turned into a rollback to an empty slot;
+* a release that cannot be installed (an image larger than its partition, a role
+  without one, ...) is refused by `plan_writes` before the inactive slot is touched.
 
 `UPDATER_FAILPOINT=<step>` makes the process die abruptly (`os._exit`) when it reaches
 that step - fault injection for the crash/restart tests, inert otherwise.
@@ -48,6 +50,7 @@ from updater.disk import blockdev
 from updater.errors import ConfigError, UpdateFailed, UpdateRejected, UpdaterError
 from updater.hooks import run_hook
 from updater.osrelease import image_version
+from updater.plan import Plan, plan_writes
 from updater.repository import Repository, RequestsFetcher
 from updater.slots import SLOTS, PartitionTarget, other
 from updater.state import Journal, load_journal, save_journal
@@ -220,9 +223,10 @@ class Agent:
         *,
         want_version: str | None = None,
         force: bool = False,
-    ) -> release.Release | None:
-        """Refresh `repo` and select the release for this node; the check's outcome
-        (None or its one-line error) is saved in the journal either way."""
+    ) -> Plan | None:
+        """Refresh `repo`, select the release for this node and plan its writes into
+        the inactive slot (a release that can never be installed is refused here); the
+        check's outcome (None or its one-line error) is saved in the journal either way."""
         try:
             repo.refresh()
             chosen = release.select(
@@ -234,17 +238,20 @@ class Agent:
                 want_version=want_version,
                 force=force,
             )
+            found = None
             if chosen is not None:
-                release.check_roles(chosen, self.config.roles)
+                inactive = self.targets[other(self.booted)]
+                found = plan_writes(chosen, inactive, self.config.roles)
         except UpdaterError as e:
             self._save(journal.with_check(str(e)))
             raise
         self._save(journal.with_check(None))
-        return chosen
+        return found
 
     def check(self, source: Path | None = None) -> dict[str, Any]:
         journal = self.journal()
-        chosen = self.find_update(self.repository(source), journal)
+        found = self.find_update(self.repository(source), journal)
+        chosen = found.release if found else None
         return {
             "update_available": chosen is not None,
             "current_version": self.installed_version(journal),
@@ -277,10 +284,13 @@ class Agent:
             )
         guard = install.SlotGuard(self.targets[booted].values())
         repo = self.repository(source)
-        chosen = self.find_update(repo, journal, want_version=version, force=force)
-        if chosen is None:
+        # Everything that can be known before a byte is written is checked by now: the
+        # GPT (read for `self.targets`), the release's signatures and the plan.
+        found = self.find_update(repo, journal, want_version=version, force=force)
+        if found is None:
             log.info("no update: slot %s runs the newest release for this node", booted)
             return InstallResult(version=None)
+        chosen = found.release
 
         log.info("installing %s into slot %s", chosen.version, inactive)
         images: dict[str, dict[str, Any]] = {}
@@ -294,8 +304,8 @@ class Agent:
             self.boot.set_state(inactive, False)
             self._save(self.journal().with_invalidated(inactive))
             failpoint("invalidated")
-            for role, image in sorted(chosen.images.items()):
-                target = self.targets[inactive][role]
+            for write in found.writes:
+                role, image, target = write.role, write.image, write.target
                 stream = repo.stream_target(image.target, retries=self.config.repository.retries)
                 result = install.write_image(
                     stream,
