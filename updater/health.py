@@ -9,8 +9,10 @@ Invariants:
 
 * a check never hangs the agent: each run has a timeout, a timed-out command is killed
   with its whole process group, and only a bounded tail of any output is kept;
-* a check that cannot even start (command not found, connection refused) is a failed
-  check, not an exception - only the verdict after the deadline matters;
+* a check that cannot even start, for whatever reason (command not found, not
+  executable, a NUL byte in an argument, connection refused), is a failed check, never
+  an exception - only the verdict after the deadline matters, and an exception would
+  leave the booted slot neither committed nor rolled back;
 * the clock and sleep are injectable, so tests drive rounds without waiting;
 * at least one round always runs, even with a zero deadline; no checks means pass.
 
@@ -47,7 +49,10 @@ class CheckOutcome:
 
     def describe(self) -> str:
         verdict = "pass" if self.passed else "FAIL"
-        return f"{verdict}: {self.check.describe()}: {self.detail}"
+        what = self.check.describe()
+        if not what.isprintable():  # one line, no control bytes, in logs and the journal
+            what = repr(what)
+        return f"{verdict}: {what}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ def _tail(data: bytes) -> str:
 def run_command_check(check: HealthCheck) -> tuple[bool, str, str]:
     """Run a command check once: (passed, detail, output tail)."""
     assert check.command is not None
+    if not check.command:
+        return False, "cannot run an empty command", ""
     try:
         # A new session, so that a timeout can kill everything the check started,
         # including grandchildren that would otherwise keep the output pipe open.
@@ -82,8 +89,12 @@ def run_command_check(check: HealthCheck) -> tuple[bool, str, str]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    except OSError as err:
-        return False, f"cannot run {check.command[0]}: {err.strerror or err}", ""
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        # ValueError: e.g. an embedded NUL byte, refused before anything is executed.
+        reason = (err.strerror if isinstance(err, OSError) else None) or str(err)
+        name = check.command[0]
+        shown = name if name.isprintable() else repr(name)
+        return False, f"cannot run {shown}: {' '.join(reason.split())}", ""
     try:
         output, _ = proc.communicate(timeout=check.timeout)
     except subprocess.TimeoutExpired:
