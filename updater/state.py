@@ -9,8 +9,10 @@ Invariants:
 * a `Journal` is immutable; the `with_*` / `committed` transitions are pure (no I/O,
   the time is passed in), so the agent's decisions are testable as data;
 * `pending`, when set, names a slot whose recorded version is the pending version;
-* `save_journal` is atomic: temp file in the same directory, fsync, `os.replace`,
-  fsync of the directory - a crash leaves the old journal or the new one, never half;
+* `save_journal` is atomic (`fsutil.atomic_write`: temp file, fsync, `os.replace`,
+  fsync of the directory) - a crash leaves the old journal or the new one, never half;
+  a journal.json that is a symlink stays one, and the file it names is replaced; the
+  journal is 0600;
 * before it is replaced, the last journal that parsed is kept as `journal.json.bak`
   (a hard link, so there is never a moment without a journal.json);
 * a damaged journal never bricks the agent: `load_journal` falls back to the backup,
@@ -23,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 from updater.errors import UpdateFailed
-from updater.fsutil import fsync_dir
+from updater.fsutil import atomic_write, write_target
 from updater.slots import SLOTS
 
 log = logging.getLogger(__name__)
@@ -271,21 +272,14 @@ def save_journal(state_dir: Path, journal: Journal) -> None:
     data = (json.dumps(journal.to_json(), indent=2, sort_keys=True) + "\n").encode()
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp_name = tempfile.mkstemp(prefix=".journal.", suffix=".tmp", dir=state_dir)
     except OSError as err:
         raise UpdateFailed(f"cannot write journal in {state_dir}: {err.strerror or err}") from err
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        # The backup first: if the write then fails, journal.json and its backup are
+        # both the previous journal, which is what a later load wants.
         _keep_backup(path, backup)
-        os.replace(tmp, path)
-        fsync_dir(state_dir)
+        atomic_write(path, data, mode=0o600)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise UpdateFailed(f"cannot write journal {path}: {err.strerror or err}") from err
 
 
@@ -293,17 +287,19 @@ def _keep_backup(path: Path, backup: Path) -> None:
     """Hard-link the current journal to journal.json.bak, if it is a good one."""
     try:
         _read(path)
+        # The file journal.json names: link(2) would link a symlink itself, whose
+        # target is about to be replaced.
+        current = write_target(path)
     except (OSError, JournalFormatError):
         return  # nothing, or nothing good, to keep: the existing backup stays
     link = backup.with_name(f".{backup.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         link.unlink()
     try:
-        os.link(path, link)
+        os.link(current, link)
     except OSError:
-        # A file system without hard links (vfat): copy, with the same care as a save.
-        with link.open("wb") as f:
-            f.write(path.read_bytes())
-            f.flush()
-            os.fsync(f.fileno())
+        # A file system without hard links (vfat), or a journal.json linking to another
+        # file system: a copy, with the same care as a save.
+        atomic_write(backup, path.read_bytes(), mode=0o600)
+        return
     os.replace(link, backup)
