@@ -168,7 +168,8 @@ class Agent:
             base = source.resolve()
             if not (base / "metadata").is_dir():
                 raise ConfigError(f"--from {source}: no metadata/ directory on that medium")
-            metadata_url, targets_url = f"file://{base}/metadata", f"file://{base}/targets"
+            # Quoted (as_uri): a '#', '?' or '%' in the path is part of the path.
+            metadata_url, targets_url = (base / "metadata").as_uri(), (base / "targets").as_uri()
         else:
             metadata_url, targets_url = repo.metadata_url, repo.targets_url
         fetcher = RequestsFetcher(self.session, timeout=(repo.timeout, repo.timeout))
