@@ -9,6 +9,8 @@ range), and switches that make it misbehave on purpose for a given URL path:
     server.endless(path)                 # 200, no Content-Length, bytes until the client quits
     server.fail(path, status=503)        # answer an error status
     server.ignore_range(path)            # answer 200 with the whole file to a Range request
+    server.drip(path, interval=0.2)      # send the body one byte per interval (slow retrieval)
+    server.stall(path, after=0)          # send headers and N body bytes, then nothing
 
 Each switch applies to the next `times` requests of that path (-1: every request).
 Every request is logged in `server.requests` (path and Range header) so a test can
@@ -24,6 +26,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,6 +119,14 @@ class HTTPTestServer:
     def ignore_range(self, path: str, *, times: int = -1) -> None:
         """Answer a Range request with 200 and the whole file."""
         self._add(path, _Fault("ignore_range", times))
+
+    def drip(self, path: str, *, interval: float = 0.2, times: int = -1) -> None:
+        """Send the body one byte every `interval` seconds (milliseconds stored)."""
+        self._add(path, _Fault("drip", times, max(1, round(interval * 1000))))
+
+    def stall(self, path: str, *, after: int = 0, times: int = -1) -> None:
+        """Send the headers and `after` body bytes, then nothing until the server stops."""
+        self._add(path, _Fault("stall", times, after))
 
     def take_faults(self, path: str) -> dict[str, int]:
         """The faults that apply to this request (consuming one use of each)."""
@@ -211,7 +222,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(body[: faults["cut"]])
             self._hang_up()
             return
+        if "drip" in faults:
+            self._drip(body, faults["drip"] / 1000)
+            return
+        if "stall" in faults:
+            self._write(body[: faults["stall"]])
+            self.close_connection = True
+            self.owner._stopping.wait()
+            return
         self._write(body)
+
+    def _drip(self, body: bytes, interval: float) -> None:
+        next_byte = time.monotonic()
+        for i in range(len(body)):
+            if not self._write(body[i : i + 1]):
+                return
+            next_byte += interval
+            if self.owner._stopping.wait(max(0.0, next_byte - time.monotonic())):
+                return
 
     def _send_endless(self, data: bytes, send_body: bool) -> None:
         self.send_response(200)

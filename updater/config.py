@@ -56,6 +56,11 @@ class RepositoryConfig:
     retries: int = 3  # extra attempts after a failed download (with Range resume)
     proxy: str | None = None  # used for http and https; None: the environment's
     ca_bundle: Path | None = None  # PEM bundle; None: the system's trust store
+    # Slow-retrieval limits: a metadata file must arrive within `metadata_deadline`
+    # seconds; an image download must average `min_rate` bytes/s over any `rate_window`.
+    metadata_deadline: float = 120.0
+    min_rate: float = 1024.0
+    rate_window: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -316,6 +321,9 @@ def _repository(t: _Table) -> RepositoryConfig:
         retries=t.integer("retries", 3, minimum=0, maximum=100),
         proxy=t.url("proxy", PROXY_SCHEMES),
         ca_bundle=t.path("ca_bundle"),
+        metadata_deadline=t.number("metadata_deadline", 120.0, minimum=0.1, maximum=24 * 3600),
+        min_rate=t.number("min_rate", 1024.0, minimum=0, maximum=1 << 40),
+        rate_window=t.number("rate_window", 60.0, minimum=0.1, maximum=24 * 3600),
     )
     t.finish()
     return repo

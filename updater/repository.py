@@ -4,9 +4,11 @@ python-tuf's `ngclient.Updater` does every trust decision (root rotation, rollba
 freeze protection, signatures, thresholds, snapshot/targets consistency). This module
 adds what the agent needs around it:
 
-* `RequestsFetcher` - ngclient's network layer over ONE `requests.Session`, so proxies,
-  TLS and timeouts are configured once for metadata and images alike; it also reads
-  `file://` URLs (a mounted USB mirror) with the same length limits.
+* `updater.fetcher.RequestsFetcher` - the network layer (one `requests.Session` for
+  metadata and images, `file://` URLs too) - and the slow-retrieval limits, which this
+  module applies to whatever fetcher it is given (`DownloadLimits`).
+* `Repository.from_config` - the one place a `[repository]` config table becomes a
+  Repository (timeouts, limits, the example-key option), for the agent.
 * `Repository.stream_target` - ngclient's `download_target` copies a whole target to a
   temporary file first, which is too much for GiB images. We stream instead, counting
   against the trusted `length` and hashing with every listed algorithm.
@@ -18,6 +20,9 @@ Invariants:
 * Every read of untrusted bytes is bounded: metadata by ngclient's `UpdaterConfig`
   limits (also for `file://`), targets by the trusted `length` (the stream aborts the
   moment one byte more arrives), the bootstrap root by `root_max_length`.
+* Every read of untrusted bytes is bounded in time too: each metadata file by
+  `metadata_deadline` (total), each image download attempt by `min_rate` over a sliding
+  `rate_window` - a repository cannot stall a node by sending slowly.
 * A streamed target is untrusted until the generator returns: the length and every
   hash are checked BEFORE it returns, and a mismatch raises `TargetRejected`.
   Resume (HTTP `Range`) is in-process only, so the hashes cover the whole file.
@@ -35,8 +40,6 @@ import logging
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-from urllib import parse
 
 import requests
 from tuf.api import exceptions as tuf_exc
@@ -49,8 +52,27 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from updater.config import RepositoryConfig
 from updater.errors import ConfigError, UpdateFailed, UpdateRejected
+from updater.fetcher import (
+    DownloadLimits,
+    RequestsFetcher,
+    ResumableFetcher,
+    at_min_rate,
+    skip_prefix,
+    within_deadline,
+)
 from updater.fsutil import atomic_write, read_regular
+
+__all__ = [  # the fetcher's names are re-exported: callers import them from here
+    "DownloadFailed",
+    "DownloadLimits",
+    "MetadataRejected",
+    "Repository",
+    "RequestsFetcher",
+    "ResumableFetcher",
+    "TargetRejected",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,129 +91,19 @@ class DownloadFailed(UpdateFailed):
     """Metadata or a target could not be fetched (network, HTTP error, retries used up)."""
 
 
-@runtime_checkable
-class ResumableFetcher(Protocol):
-    """A fetcher that can start a download at a byte offset (HTTP Range or seek)."""
-
-    def fetch_from(self, url: str, offset: int, chunk_size: int | None = None) -> Iterator[bytes]:
-        """Bytes of `url` from `offset` on; raises tuf DownloadError subclasses."""
-        ...
-
-
-def _content_range_start(value: str | None) -> int | None:
-    """The first byte of a `Content-Range: bytes a-b/n` header, None if unparsable."""
-    if value is None or not value.startswith("bytes "):
-        return None
-    first, _, _ = value[len("bytes ") :].partition("-")
-    return int(first) if first.isdigit() else None
-
-
-class RequestsFetcher(FetcherInterface):
-    """ngclient's fetcher over one shared `requests.Session`, plus `file://` URLs.
-
-    `timeout` is (connect, read) seconds for every request. Bodies are asked for with
-    `Accept-Encoding: identity`: byte counts, ranges and hashes are about the stored
-    file, and a compressed transfer could otherwise inflate past any limit.
-    """
-
-    def __init__(
-        self,
-        session: requests.Session | None = None,
-        *,
-        timeout: tuple[float, float] = (10.0, 30.0),
-        chunk_size: int = 1 << 16,
-    ) -> None:
-        self.session = session if session is not None else requests.Session()
-        self.timeout = timeout
-        self.chunk_size = chunk_size
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        return self.fetch_from(url, 0)
-
-    def fetch_from(self, url: str, offset: int, chunk_size: int | None = None) -> Iterator[bytes]:
-        """Open `url` at `offset` now (errors raised here), return the body iterator.
-
-        A 206 must carry a Content-Range starting at `offset`. A server that ignores
-        Range and answers 200 is handled by reading and discarding the first `offset`
-        bytes, so the caller still receives exactly the bytes from `offset` on.
-        """
-        size = chunk_size or self.chunk_size
-        split = parse.urlsplit(url)
-        if split.scheme == "file":
-            return self._fetch_file(url, split, offset, size)
-        if split.scheme not in ("http", "https"):
-            raise tuf_exc.DownloadError(f"unsupported URL scheme {split.scheme!r} in {url}")
-        headers = {"Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        try:
-            resp = self.session.get(url, stream=True, timeout=self.timeout, headers=headers)
-        except requests.Timeout as e:
-            raise tuf_exc.SlowRetrievalError(f"timed out fetching {url}") from e
-        except requests.RequestException as e:
-            raise tuf_exc.DownloadError(f"cannot fetch {url}: {e}") from e
-        status = resp.status_code
-        skip = 0
-        if offset and status == 206:
-            start = _content_range_start(resp.headers.get("Content-Range"))
-            if start != offset:
-                resp.close()
-                raise tuf_exc.DownloadError(
-                    f"{url} answered Range bytes={offset}- with Content-Range "
-                    f"{resp.headers.get('Content-Range')!r}"
-                )
-        elif status == 200:
-            skip = offset
-        else:
-            resp.close()
-            raise tuf_exc.DownloadHTTPError(f"HTTP {status} fetching {url}", status)
-        return self._iter_response(resp, url, skip, size)
-
-    @staticmethod
-    def _iter_response(resp: requests.Response, url: str, skip: int, size: int) -> Iterator[bytes]:
-        try:
-            yield from _skip_prefix(resp.iter_content(size), skip, url)
-        except requests.RequestException as e:
-            # Dropped connections, truncated bodies and read timeouts all land here.
-            raise tuf_exc.DownloadError(f"connection lost while reading {url}: {e}") from e
-        finally:
-            resp.close()
-
-    @staticmethod
-    def _fetch_file(url: str, split: parse.SplitResult, offset: int, size: int) -> Iterator[bytes]:
-        if split.netloc not in ("", "localhost"):
-            raise tuf_exc.DownloadError(f"file URL with a remote host: {url}")
-        path = parse.unquote(split.path)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by the generator below
-        except FileNotFoundError as e:
-            # ngclient stops looking for newer root versions on 404; keep that meaning.
-            raise tuf_exc.DownloadHTTPError(f"{url}: no such file", 404) from e
-        except OSError as e:
-            raise tuf_exc.DownloadError(f"cannot open {url}: {e.strerror}") from e
-
-        def chunks() -> Iterator[bytes]:
-            with f:
-                try:
-                    f.seek(offset)
-                    while chunk := f.read(size):
-                        yield chunk
-                except OSError as e:
-                    raise tuf_exc.DownloadError(f"cannot read {url}: {e.strerror}") from e
-
-        return chunks()
-
-
 class _RecordingFetcher(FetcherInterface):
-    """Remembers the last URL ngclient asked for, so errors can name the file."""
+    """ngclient's view of the fetcher: every metadata download within `deadline`
+    seconds, and the last URL asked for remembered, so errors can name the file."""
 
-    def __init__(self, inner: FetcherInterface) -> None:
+    def __init__(self, inner: FetcherInterface, deadline: float) -> None:
         self.inner = inner
+        self.deadline = deadline
         self.last_url = "(nothing fetched yet)"
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         self.last_url = url
-        return self.inner.fetch(url)
+        started = time.monotonic()  # before the request: a slow answer counts too
+        return within_deadline(self.inner.fetch(url), self.deadline, started)
 
 
 class _DurableUpdater(Updater):
@@ -223,13 +135,15 @@ class Repository:
         fetcher: FetcherInterface | None = None,
         *,
         config: UpdaterConfig | None = None,
+        limits: DownloadLimits | None = None,
     ) -> None:
         self.metadata_url = metadata_url
         self.targets_url = targets_url
         self.cache_dir = cache_dir
         self.config = config or UpdaterConfig()
+        self.limits = limits or DownloadLimits()
         self.fetcher = fetcher if fetcher is not None else RequestsFetcher(session)
-        self._recorder = _RecordingFetcher(self.fetcher)
+        self._recorder = _RecordingFetcher(self.fetcher, self.limits.metadata_deadline)
         self._root_bytes = self._read_trusted_root(trusted_root)
         self._trusted_root = trusted_root
         try:
@@ -238,6 +152,32 @@ class Repository:
             raise UpdateFailed(f"cannot create TUF cache {cache_dir}: {e.strerror}") from e
         self._updater = self._new_updater()
         self._refreshed = False
+
+    @classmethod
+    def from_config(
+        cls,
+        repo: RepositoryConfig,
+        cache_dir: Path,
+        session: requests.Session | None = None,
+        *,
+        metadata_url: str | None = None,
+        targets_url: str | None = None,
+    ) -> Repository:
+        """The repository a `[repository]` table describes, every key applied here
+        (`timeout`, the slow-retrieval limits); the URLs may be overridden (a mounted
+        medium, `install --from`). `retries` is for the caller's `stream_target`."""
+        return cls(
+            metadata_url if metadata_url is not None else repo.metadata_url,
+            targets_url if targets_url is not None else repo.targets_url,
+            repo.trusted_root,
+            cache_dir,
+            fetcher=RequestsFetcher(session, timeout=(repo.timeout, repo.timeout)),
+            limits=DownloadLimits(
+                metadata_deadline=repo.metadata_deadline,
+                min_rate=repo.min_rate,
+                rate_window=repo.rate_window,
+            ),
+        )
 
     def _read_trusted_root(self, path: Path) -> bytes:
         limit = self.config.root_max_length
@@ -367,10 +307,13 @@ class Repository:
 
     def _open_at(self, url: str, offset: int, chunk_size: int) -> Generator[bytes, None, None]:
         # A generator, so closing it (consumer stopped early) closes the response too.
+        # Each attempt must keep the minimum rate, from before its request is sent.
+        limits, started = self.limits, time.monotonic()
         if isinstance(self.fetcher, ResumableFetcher):
-            yield from self.fetcher.fetch_from(url, offset, chunk_size)
+            body = self.fetcher.fetch_from(url, offset, chunk_size)
         else:
-            yield from _skip_prefix(self.fetcher.fetch(url), offset, url)
+            body = skip_prefix(self.fetcher.fetch(url), offset, url)
+        yield from at_min_rate(body, limits.min_rate, limits.rate_window, started)
 
     def stream_target(
         self,
@@ -384,7 +327,8 @@ class Repository:
 
         Counts against `target.length` and raises `TargetRejected` naming the URL the
         moment it would be exceeded (the offending chunk is not yielded). A dropped
-        connection, read timeout or 5xx resumes at the byte reached, with an HTTP
+        connection, read timeout, a rate below `limits.min_rate` over `limits.rate_window`
+        or a 5xx resumes at the byte reached, with an HTTP
         `Range: bytes=<received>-` request (or by skipping the prefix a server that
         ignores Range resends), at most `retries` times in total with exponential
         backoff (`backoff * 2**n`, capped at MAX_BACKOFF); then `DownloadFailed`. Other
@@ -453,16 +397,3 @@ def _child_names(role: Targets) -> list[str]:
     if role.delegations.succinct_roles is not None:
         return list(role.delegations.succinct_roles.get_roles())
     return []
-
-
-def _skip_prefix(chunks: Iterator[bytes], offset: int, url: str) -> Iterator[bytes]:
-    """For fetchers without ranges: drop the first `offset` bytes of a full body."""
-    for chunk in chunks:
-        if offset:
-            dropped = min(offset, len(chunk))
-            offset -= dropped
-            chunk = chunk[dropped:]
-        if chunk:
-            yield chunk
-    if offset:
-        raise tuf_exc.DownloadError(f"{url} is shorter than the resume offset")

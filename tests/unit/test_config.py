@@ -106,6 +106,8 @@ def test_defaults() -> None:
     assert config.device.state_dir == Path("/var/lib/updater")
     assert config.repository.timeout == 30 and config.repository.retries == 3
     assert config.repository.proxy is None and config.repository.ca_bundle is None
+    repo = config.repository
+    assert (repo.metadata_deadline, repo.min_rate, repo.rate_window) == (120, 1024, 60)
     assert (config.health.deadline, config.health.interval, config.health.checks) == (600, 10, ())
     assert (config.daemon.interval, config.daemon.jitter) == (3600, 300)
     assert config.hooks.reboot == ("systemctl", "reboot")
@@ -125,7 +127,8 @@ jitter = 0
     text = edit(
         'trusted_root = "/etc/updater/root.json"',
         'trusted_root = "root.json"\ntimeout = 5.5\nretries = 0\n'
-        'proxy = "http://proxy.example:3128"\nca_bundle = "ca.pem"',
+        'proxy = "http://proxy.example:3128"\nca_bundle = "ca.pem"\n'
+        "metadata_deadline = 5\nmin_rate = 0\nrate_window = 2.5",
         text,
     )
     text = edit("deadline = 600", "deadline = 60\ninterval = 2\ntimeout = 3", text)
@@ -139,6 +142,8 @@ jitter = 0
     assert config.repository.ca_bundle == Path("/srv/node/ca.pem")
     assert config.repository.proxy == "http://proxy.example:3128"
     assert (config.repository.timeout, config.repository.retries) == (5.5, 0)
+    repo = config.repository
+    assert (repo.metadata_deadline, repo.min_rate, repo.rate_window) == (5, 0, 2.5)
     assert [c.timeout for c in config.health.checks] == [3.0, 1.0]
     assert config.health.interval == 2
     assert config.daemon.jitter == 0 and config.daemon.interval == 900
@@ -202,6 +207,17 @@ def test_file_url_accepted() -> None:
             "[repository] targets_url: 'http:///targets' has no host",
         ),
         ("deadline = 600", "deadline = -1", "[health] deadline: -1 is out of range"),
+        (
+            "[device]",
+            "metadata_deadline = 0\n[device]",
+            "[repository] metadata_deadline: 0 is out of range (0.1 to 86400)",
+        ),
+        ("[device]", "min_rate = -1\n[device]", "[repository] min_rate: -1 is out of range"),
+        (
+            "[device]",
+            'rate_window = "60"\n[device]',
+            "[repository] rate_window: must be a number, not a string",
+        ),
         ("deadline = 600", "deadline = true", "[health] deadline: must be a number, not a boolean"),
         ("deadline = 600", "deadline = nan", "[health] deadline: nan is out of range"),
         (
