@@ -151,3 +151,21 @@ def node(tmp_path: Path) -> Iterator[Node]:
         made = Node(tmp_path, disk, grubenv, server, repo, images=images)
         made.write_slot("A", images["1.0.0"])
         yield made
+
+
+def spawn(node: Node, *args: str, log: Path, booted: str = "A") -> subprocess.Popen[str]:
+    """Start the agent in the background (for tests of two agents at once): stdout to
+    `log`.out, stderr to `log`.err, so a test can poll what it printed so far."""
+    node.write_config(booted)
+    with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
+        return subprocess.Popen(
+            [str(BIN / "updater"), "--config", str(node.config), "--json", *args],
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+
+
+def journal_bytes(node: Node) -> bytes:
+    """The agent's journal file as it is on disk now."""
+    return (node.root / "state" / "journal.json").read_bytes()

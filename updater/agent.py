@@ -1,8 +1,8 @@
 """Orchestration of an update on one node: check, install, activate, reboot, verify.
 
-This is the only module that combines the others; each step below is one call into a
-module that does one thing. The order is DESIGN.md's, the one that keeps a node
-bootable through a power cut at any point:
+This is the only module that combines the others (on top of `updater.node`, the node
+as it is); each step below is one call into a module that does one thing. The order is
+DESIGN.md's, the one that keeps a node bootable through a power cut at any point:
 
     install:  refresh TUF -> select release -> mark inactive slot bad (bootloader write)
               -> stream every image into its partition, read back, verify
@@ -22,6 +22,9 @@ Invariants:
   not re-downloaded);
 * the agent never leaves the node without a bootable slot: with no good fallback a
   failed health check is reported, not turned into a rollback to an empty slot;
+* one agent at a time changes a node: every method that does runs holding the state
+  directory's lock (`updater.lock`; the daemon holds it per cycle, not while it sleeps),
+  and `check` records its outcome only when it gets the lock without waiting;
 * a release that cannot be installed (an image larger than its partition, a role
   without one, ...) is refused by `plan_writes` before the inactive slot is touched.
 
@@ -43,17 +46,16 @@ from typing import Any
 import requests
 
 from updater import health, install, release
-from updater.boot.base import BootContext, Bootloader, SlotState
-from updater.boot.registry import make_bootloader
+from updater.boot.base import SlotState
 from updater.config import Config
-from updater.disk import blockdev
 from updater.errors import ConfigError, UpdateFailed, UpdateRejected, UpdaterError
 from updater.hooks import run_hook
-from updater.osrelease import image_version
+from updater.lock import LockBusy
+from updater.node import Node, changes_node
 from updater.plan import Plan, plan_writes
 from updater.repository import Repository, RequestsFetcher
-from updater.slots import SLOTS, PartitionTarget, other
-from updater.state import Journal, load_journal, save_journal
+from updater.slots import SLOTS, other
+from updater.state import Journal
 
 log = logging.getLogger(__name__)
 
@@ -112,54 +114,18 @@ class HealthOutcome:
         }
 
 
-class Agent:
-    """The node agent for one configuration. Cheap to build; touches disks lazily."""
+class Agent(Node):
+    """The node agent for one configuration. Cheap to build; touches disks lazily.
 
-    def __init__(self, config: Config, *, session: requests.Session | None = None) -> None:
-        self.config = config
-        self.state_dir = config.device.state_dir
+    `wait`: when another process holds the state directory's lock, a method that changes
+    the node waits for it instead of raising `LockBusy` at once.
+    """
+
+    def __init__(
+        self, config: Config, *, session: requests.Session | None = None, wait: bool = False
+    ) -> None:
+        super().__init__(config, wait=wait)
         self.session = session or _session(config)
-        self._targets: dict[str, dict[str, PartitionTarget]] | None = None
-        self._booted: str | None = None
-        self._boot: Bootloader | None = None
-
-    # --- the node as it is ---------------------------------------------------------
-
-    @property
-    def targets(self) -> dict[str, dict[str, PartitionTarget]]:
-        """slot -> role -> partition, from the disk's GPT (and udev where it runs)."""
-        if self._targets is None:
-            self._targets = blockdev.find_slot_partitions(
-                self.config.device.disk, self.config.slots
-            )
-        return self._targets
-
-    @property
-    def booted(self) -> str:
-        if self._booted is None:
-            self._booted = blockdev.booted_slot(self.targets, self.config.device.booted_slot)
-        return self._booted
-
-    @property
-    def boot(self) -> Bootloader:
-        if self._boot is None:
-            roles = self.config.slots[SLOTS[0]]
-            # The bits live on the slot's boot partition if it has one, else its root.
-            role = "boot" if "boot" in roles else ("root" if "root" in roles else sorted(roles)[0])
-            labels = {slot: self.config.slots[slot][role] for slot in SLOTS}
-            ctx = BootContext(
-                disk=self.config.device.disk,
-                grubenv=self.config.device.grubenv,
-                slot_partitions=labels,
-            )
-            self._boot = make_bootloader(self.config.device.bootloader, ctx)
-        return self._boot
-
-    def journal(self) -> Journal:
-        return load_journal(self.state_dir)
-
-    def _save(self, journal: Journal) -> None:
-        save_journal(self.state_dir, journal)
 
     def repository(self, source: Path | None = None) -> Repository:
         """The TUF repository of the config, or a mounted medium (`install --from`)."""
@@ -177,44 +143,6 @@ class Agent:
             metadata_url, targets_url, repo.trusted_root, self.state_dir / "tuf", fetcher=fetcher
         )
 
-    def installed_version(self, journal: Journal | None = None) -> str | None:
-        """The booted slot's version: the journal's record, else the image's os-release."""
-        journal = journal or self.journal()
-        return journal.version_in(self.booted) or image_version(self.config.device.os_release)
-
-    def status(self) -> dict[str, Any]:
-        journal = self.journal()
-        booted = self.booted
-        slots: dict[str, Any] = {}
-        for slot in SLOTS:
-            state = self.boot.get_state(slot)
-            label = state.value
-            if slot == booted and state is not SlotState.GOOD:
-                label = SlotState.TRYING.value  # booted but not committed yet
-            slots[slot] = {
-                "state": label,
-                "version": self.installed_version(journal)
-                if slot == booted
-                else journal.version_in(slot),
-                "booted": slot == booted,
-                "partitions": {r: t.label for r, t in sorted(self.targets[slot].items())},
-            }
-        pending = journal.pending
-        return {
-            "booted_slot": booted,
-            "primary_slot": self.boot.get_primary(),
-            "bootloader": self.config.device.bootloader,
-            "hardware": self.config.device.hardware,
-            "channel": self.config.device.channel,
-            "slots": slots,
-            "pending": None
-            if pending is None
-            else {"slot": pending.slot, "version": pending.version, "since": pending.since},
-            "failed_versions": sorted(journal.failed_versions),
-            "last_check": journal.last_check,
-            "last_error": journal.last_error,
-        }
-
     # --- check ---------------------------------------------------------------------
 
     def find_update(
@@ -226,8 +154,8 @@ class Agent:
         force: bool = False,
     ) -> Plan | None:
         """Refresh `repo`, select the release for this node and plan its writes into
-        the inactive slot (a release that can never be installed is refused here); the
-        check's outcome (None or its one-line error) is saved in the journal either way."""
+        the inactive slot (a release that can never be installed is refused here). The
+        outcome (None or its one-line error) is recorded, see `_record_check`."""
         try:
             repo.refresh()
             chosen = release.select(
@@ -244,9 +172,9 @@ class Agent:
                 inactive = self.targets[other(self.booted)]
                 found = plan_writes(chosen, inactive, self.config.roles)
         except UpdaterError as e:
-            self._save(journal.with_check(str(e)))
+            self._record_check(str(e))
             raise
-        self._save(journal.with_check(None))
+        self._record_check(None)
         return found
 
     def check(self, source: Path | None = None) -> dict[str, Any]:
@@ -265,6 +193,7 @@ class Agent:
 
     # --- install -------------------------------------------------------------------
 
+    @changes_node
     def install(
         self,
         *,
@@ -327,9 +256,7 @@ class Agent:
             failpoint("recorded")
         if not activate:
             return InstallResult(chosen.version, inactive, images=images, reused=reused)
-        self.activate(inactive)
-        if reboot:
-            self.reboot()
+        self.activate(inactive, reboot=reboot)
         return InstallResult(
             chosen.version, inactive, activated=True, rebooting=reboot, reused=reused, images=images
         )
@@ -350,8 +277,10 @@ class Agent:
 
     # --- bootloader commands -------------------------------------------------------
 
-    def activate(self, slot: str) -> None:
-        """Boot `slot` next with one try; the journal remembers it is pending."""
+    @changes_node
+    def activate(self, slot: str, *, reboot: bool = False) -> None:
+        """Boot `slot` next with one try; the journal remembers it is pending. With
+        `reboot`, then run the pre_reboot hook and reboot (under the same lock)."""
         if slot not in SLOTS:
             raise ConfigError(f"unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
         journal = self.journal()
@@ -360,7 +289,13 @@ class Agent:
             self.boot.set_primary(slot)
             self.boot.set_state(slot, True)
             self._save(journal.committed())
-            return
+        else:
+            self._make_pending(slot, journal)
+        if reboot:
+            self.reboot()
+
+    def _make_pending(self, slot: str, journal: Journal) -> None:
+        """Make the not booted `slot` primary with one try, if it holds a verified image."""
         version = journal.version_in(slot)
         if version is None:
             raise UpdateRejected(
@@ -373,8 +308,10 @@ class Agent:
         failpoint("pending")
         log.info("slot %s (%s) will be booted next, with one try", slot, version)
 
-    def rollback(self) -> str:
-        """Make the other slot primary again, as a committed (known good) slot."""
+    @changes_node
+    def rollback(self, *, reboot: bool = False) -> str:
+        """Make the other slot primary again, as a committed (known good) slot; with
+        `reboot`, then reboot into it."""
         target = other(self.booted)
         if self.boot.get_state(target) is not SlotState.GOOD:
             raise UpdateRejected(
@@ -384,8 +321,11 @@ class Agent:
         self.boot.set_primary(target)
         self.boot.set_state(target, True)
         self._save(self.journal().committed())
+        if reboot:
+            self.reboot()
         return target
 
+    @changes_node
     def mark_good(self) -> str:
         slot = self.booted
         self.boot.set_state(slot, True)
@@ -395,6 +335,7 @@ class Agent:
         self._save(journal)
         return slot
 
+    @changes_node
     def mark_bad(self, slot: str | None = None, *, force: bool = False) -> str:
         slot = slot or self.booted
         if slot not in SLOTS:
@@ -411,6 +352,7 @@ class Agent:
         self._save(journal)
         return slot
 
+    @changes_node
     def reboot(self) -> None:
         hooks = self.config.hooks
         run_hook("pre_reboot", hooks.pre_reboot, hooks.timeout)
@@ -420,6 +362,7 @@ class Agent:
 
     # --- after every boot ----------------------------------------------------------
 
+    @changes_node
     def health_check(
         self,
         *,
@@ -497,17 +440,18 @@ class Agent:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        """Poll for updates forever (interval + random jitter); install and reboot."""
+        """Poll for updates forever (interval + random jitter); install and reboot.
+
+        Each cycle holds the lock (a busy lock skips the cycle, or waits with `wait`);
+        the sleep between cycles does not, so commands run by hand get their turn."""
         rng = rng or random.Random()
         while True:
+            self.forget_disk()  # each cycle reads (and so checks) the disk's GPT again
             try:
-                journal = self.journal()
-                if journal.pending is not None and journal.pending.slot == self.booted:
-                    log.info("slot %s not yet committed; skipping this check", self.booted)
-                else:
-                    result = self.install()
-                    if result.version is not None:
-                        log.info("installed %s into slot %s", result.version, result.slot)
+                with self.lock.hold(wait=self.wait):
+                    self._cycle()
+            except LockBusy as e:
+                log.warning("skipping this check: %s", e)
             except UpdaterError as e:
                 log.error("update check failed: %s", e)
             if once:
@@ -515,6 +459,15 @@ class Agent:
             delay = self.config.daemon.interval + rng.uniform(0, self.config.daemon.jitter)
             log.info("next check in %.0f s", delay)
             sleep(delay)
+
+    def _cycle(self) -> None:
+        journal = self.journal()
+        if journal.pending is not None and journal.pending.slot == self.booted:
+            log.info("slot %s not yet committed; skipping this check", self.booted)
+            return
+        result = self.install()
+        if result.version is not None:
+            log.info("installed %s into slot %s", result.version, result.slot)
 
 
 def _for_role(progress: Progress | None, role: str) -> Callable[[int, int], None] | None:

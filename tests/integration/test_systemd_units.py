@@ -60,7 +60,7 @@ def test_sandbox_still_allows_writing_block_devices(name: str) -> None:
 def test_health_check_unit_runs_on_every_boot_after_the_workload() -> None:
     unit = read_unit("updater-health-check.service")
     assert unit["Service"]["Type"] == "oneshot"
-    assert unit["Service"]["ExecStart"] == "/usr/bin/updater health-check"
+    assert unit["Service"]["ExecStart"] == "/usr/bin/updater health-check --wait"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     assert "multi-user.target" in unit["Unit"]["After"].split()
     assert unit["Unit"]["Before"] == "updater.service"

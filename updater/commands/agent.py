@@ -5,6 +5,9 @@ Each command loads the config, builds an `Agent`, calls one method and prints th
 result: text for people, or with `updater --json` one JSON document per line on stdout
 (`install --json` adds `{"event": "progress", ...}` lines before its result). Errors are
 mapped to exit codes by `updater.cliutil.ErrorHandlingGroup` (README, "Exit codes").
+
+Every command that changes the node takes `--wait`; the `Agent` itself takes the state
+directory's lock (`updater.lock`), the command only says whether to wait for it.
 """
 
 from __future__ import annotations
@@ -50,12 +53,17 @@ json_option = click.option(
 reboot_option = click.option(
     "--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards."
 )
+wait_option = click.option(
+    "--wait",
+    is_flag=True,
+    help="If another updater is changing this node, wait for it instead of failing at once.",
+)
 
 
-def _agent(ctx: click.Context) -> Agent:
+def _agent(ctx: click.Context, *, wait: bool = False) -> Agent:
     root = ctx.find_root()
     setup_logging(verbose=bool(root.obj.get("verbose")))
-    return Agent(load_config(root.obj["config_path"]))
+    return Agent(load_config(root.obj["config_path"]), wait=wait)
 
 
 def _json(ctx: click.Context) -> bool:
@@ -146,6 +154,7 @@ def check(ctx: click.Context, source: Path | None) -> None:
 @click.option("--no-activate", is_flag=True, help="Write and verify only; do not switch slots.")
 @click.option("--no-reboot", is_flag=True, help="Switch slots but do not reboot.")
 @from_option
+@wait_option
 @click.pass_context
 def install(
     ctx: click.Context,
@@ -154,11 +163,12 @@ def install(
     no_activate: bool,
     no_reboot: bool,
     source: Path | None,
+    wait: bool,
 ) -> None:
     """Install the newest release (or --version) into the inactive slot and switch to it."""
     if force and version is None:
         raise click.UsageError("--force needs --version")
-    result = _agent(ctx).install(
+    result = _agent(ctx, wait=wait).install(
         version=version,
         force=force,
         activate=not no_activate,
@@ -182,52 +192,51 @@ def install(
 @click.command()
 @click.argument("slot", type=click.Choice(SLOTS))
 @reboot_option
+@wait_option
 @click.pass_context
-def activate(ctx: click.Context, slot: str, reboot: bool) -> None:
+def activate(ctx: click.Context, slot: str, reboot: bool, wait: bool) -> None:
     """Boot SLOT next, with one try (it must hold a verified image)."""
-    agent = _agent(ctx)
-    agent.activate(slot)
-    if reboot:
-        agent.reboot()
+    _agent(ctx, wait=wait).activate(slot, reboot=reboot)
     _emit(ctx, {"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
 
 
 @click.command()
 @reboot_option
+@wait_option
 @click.pass_context
-def rollback(ctx: click.Context, reboot: bool) -> None:
+def rollback(ctx: click.Context, reboot: bool, wait: bool) -> None:
     """Make the other (known good) slot primary again."""
-    agent = _agent(ctx)
-    slot = agent.rollback()
-    if reboot:
-        agent.reboot()
+    slot = _agent(ctx, wait=wait).rollback(reboot=reboot)
     _emit(ctx, {"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
 
 
 @click.command("mark-good")
+@wait_option
 @click.pass_context
-def mark_good(ctx: click.Context) -> None:
+def mark_good(ctx: click.Context, wait: bool) -> None:
     """Commit the booted slot: the bootloader keeps booting it."""
-    slot = _agent(ctx).mark_good()
+    slot = _agent(ctx, wait=wait).mark_good()
     _emit(ctx, {"slot": slot, "state": "good"}, f"slot {slot} marked good")
 
 
 @click.command("mark-bad")
 @click.argument("slot", type=click.Choice(SLOTS), required=False)
 @click.option("--force", is_flag=True, help="Even if no other slot would boot.")
+@wait_option
 @click.pass_context
-def mark_bad(ctx: click.Context, slot: str | None, force: bool) -> None:
+def mark_bad(ctx: click.Context, slot: str | None, force: bool, wait: bool) -> None:
     """Invalidate SLOT (default: the booted one) so the bootloader will not boot it."""
-    done = _agent(ctx).mark_bad(slot, force=force)
+    done = _agent(ctx, wait=wait).mark_bad(slot, force=force)
     _emit(ctx, {"slot": done, "state": "bad"}, f"slot {done} marked bad")
 
 
 @click.command("health-check")
 @click.option("--no-reboot", is_flag=True, help="After a rollback, do not reboot.")
+@wait_option
 @click.pass_context
-def health_check(ctx: click.Context, no_reboot: bool) -> None:
+def health_check(ctx: click.Context, no_reboot: bool, wait: bool) -> None:
     """After every boot: commit the booted slot if healthy, else roll back."""
-    agent = _agent(ctx)
+    agent = _agent(ctx, wait=wait)
     try:
         outcome = agent.health_check(reboot=not no_reboot)
     except NoFallback as e:
@@ -240,10 +249,12 @@ def health_check(ctx: click.Context, no_reboot: bool) -> None:
 
 @click.command()
 @click.option("--once", is_flag=True, help="Check (and install) once, then exit.")
+@wait_option
 @click.pass_context
-def daemon(ctx: click.Context, once: bool) -> None:
-    """Poll for updates at the configured interval plus random jitter."""
-    _agent(ctx).daemon(once=once)
+def daemon(ctx: click.Context, once: bool, wait: bool) -> None:
+    """Poll for updates at the configured interval plus random jitter. A cycle that
+    finds another updater changing the node is skipped (without --wait)."""
+    _agent(ctx, wait=wait).daemon(once=once)
 
 
 COMMANDS = [

@@ -1,0 +1,155 @@
+"""The node as the agent sees it: its slots' partitions (from the disk's GPT), the
+booted slot, the bootloader, the journal and the state directory's lock.
+
+`updater.agent.Agent` builds on `Node` with the operations that change the node; this
+module only reads (the journal save aside) and says how a change is made safe against
+a second agent: `changes_node` runs a method holding the lock (`updater.lock`).
+
+Invariants:
+* everything is read lazily and cached per object (cheap to build; `status` reads no
+  more than it shows); `forget_disk` drops the cached partitions so that a long-lived
+  daemon reads - and so checks - the GPT again for each cycle;
+* the journal is always read afresh (`journal()`), never cached: another process may
+  have changed it since, and a read-modify-write happens only under the lock (a check's
+  outcome is not recorded at all while another process holds it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from updater.boot.base import BootContext, Bootloader, SlotState
+from updater.boot.registry import make_bootloader
+from updater.config import Config
+from updater.disk import blockdev
+from updater.lock import StateLock
+from updater.osrelease import image_version
+from updater.slots import SLOTS, PartitionTarget
+from updater.state import Journal, load_journal, save_journal
+
+log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_N = TypeVar("_N", bound="Node")
+
+
+def changes_node(
+    method: Callable[Concatenate[_N, _P], _R],
+) -> Callable[Concatenate[_N, _P], _R]:
+    """Run a `Node` method holding the state directory's lock (re-entrant, so one
+    such method may call another): a second process fails at once, or waits when the
+    node was built with `wait`."""
+
+    @functools.wraps(method)
+    def locked(node: _N, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with node.lock.hold(wait=node.wait):
+            return method(node, *args, **kwargs)
+
+    return locked
+
+
+class Node:
+    """One node of one configuration. `wait`: when another process holds the state
+    directory's lock, a `changes_node` method waits for it instead of raising
+    `LockBusy` at once."""
+
+    def __init__(self, config: Config, *, wait: bool = False) -> None:
+        self.config = config
+        self.state_dir = config.device.state_dir
+        self.wait = wait
+        self.lock = StateLock(self.state_dir)
+        self._targets: dict[str, dict[str, PartitionTarget]] | None = None
+        self._booted: str | None = None
+        self._boot: Bootloader | None = None
+
+    @property
+    def targets(self) -> dict[str, dict[str, PartitionTarget]]:
+        """slot -> role -> partition, from the disk's GPT (and udev where it runs)."""
+        if self._targets is None:
+            self._targets = blockdev.find_slot_partitions(
+                self.config.device.disk, self.config.slots
+            )
+        return self._targets
+
+    def forget_disk(self) -> None:
+        """Read the partitions (the GPT) again on next use."""
+        self._targets = None
+
+    @property
+    def booted(self) -> str:
+        if self._booted is None:
+            self._booted = blockdev.booted_slot(self.targets, self.config.device.booted_slot)
+        return self._booted
+
+    @property
+    def boot(self) -> Bootloader:
+        if self._boot is None:
+            roles = self.config.slots[SLOTS[0]]
+            # The bits live on the slot's boot partition if it has one, else its root.
+            role = "boot" if "boot" in roles else ("root" if "root" in roles else sorted(roles)[0])
+            labels = {slot: self.config.slots[slot][role] for slot in SLOTS}
+            ctx = BootContext(
+                disk=self.config.device.disk,
+                grubenv=self.config.device.grubenv,
+                slot_partitions=labels,
+            )
+            self._boot = make_bootloader(self.config.device.bootloader, ctx)
+        return self._boot
+
+    def journal(self) -> Journal:
+        return load_journal(self.state_dir)
+
+    def _save(self, journal: Journal) -> None:
+        save_journal(self.state_dir, journal)
+
+    def _record_check(self, error: str | None) -> None:
+        """Save a check's outcome in a journal read again under the lock - or not at all
+        if another process holds the lock: a check never waits, and its journal write
+        must not overwrite the one the lock holder makes meanwhile (a lost update)."""
+        with self.lock.attempt() as held:
+            if held:
+                self._save(self.journal().with_check(error))
+            else:
+                log.info("another updater holds %s: this check is not recorded", self.lock.path)
+
+    def installed_version(self, journal: Journal | None = None) -> str | None:
+        """The booted slot's version: the journal's record, else the image's os-release."""
+        journal = journal or self.journal()
+        return journal.version_in(self.booted) or image_version(self.config.device.os_release)
+
+    def status(self) -> dict[str, Any]:
+        journal = self.journal()
+        booted = self.booted
+        slots: dict[str, Any] = {}
+        for slot in SLOTS:
+            state = self.boot.get_state(slot)
+            label = state.value
+            if slot == booted and state is not SlotState.GOOD:
+                label = SlotState.TRYING.value  # booted but not committed yet
+            slots[slot] = {
+                "state": label,
+                "version": self.installed_version(journal)
+                if slot == booted
+                else journal.version_in(slot),
+                "booted": slot == booted,
+                "partitions": {r: t.label for r, t in sorted(self.targets[slot].items())},
+            }
+        pending = journal.pending
+        return {
+            "booted_slot": booted,
+            "primary_slot": self.boot.get_primary(),
+            "bootloader": self.config.device.bootloader,
+            "hardware": self.config.device.hardware,
+            "channel": self.config.device.channel,
+            "slots": slots,
+            "pending": None
+            if pending is None
+            else {"slot": pending.slot, "version": pending.version, "since": pending.since},
+            "failed_versions": sorted(journal.failed_versions),
+            "last_check": journal.last_check,
+            "last_error": journal.last_error,
+        }
