@@ -53,7 +53,7 @@ from updater.hooks import run_hook
 from updater.lock import LockBusy
 from updater.node import Node, changes_node
 from updater.plan import Plan, plan_writes
-from updater.repository import Repository, RequestsFetcher
+from updater.repository import Repository
 from updater.slots import SLOTS, other
 from updater.state import Journal
 
@@ -129,18 +129,19 @@ class Agent(Node):
 
     def repository(self, source: Path | None = None) -> Repository:
         """The TUF repository of the config, or a mounted medium (`install --from`)."""
-        repo = self.config.repository
+        urls: dict[str, str] = {}
         if source is not None:
             base = source.resolve()
             if not (base / "metadata").is_dir():
                 raise ConfigError(f"--from {source}: no metadata/ directory on that medium")
             # Quoted (as_uri): a '#', '?' or '%' in the path is part of the path.
-            metadata_url, targets_url = (base / "metadata").as_uri(), (base / "targets").as_uri()
-        else:
-            metadata_url, targets_url = repo.metadata_url, repo.targets_url
-        fetcher = RequestsFetcher(self.session, timeout=(repo.timeout, repo.timeout))
-        return Repository(
-            metadata_url, targets_url, repo.trusted_root, self.state_dir / "tuf", fetcher=fetcher
+            urls = {
+                "metadata_url": (base / "metadata").as_uri(),
+                "targets_url": (base / "targets").as_uri(),
+            }
+        # from_config applies every [repository] key (timeouts, slow-retrieval limits).
+        return Repository.from_config(
+            self.config.repository, self.state_dir / "tuf", self.session, **urls
         )
 
     # --- check ---------------------------------------------------------------------
