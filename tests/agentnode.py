@@ -61,6 +61,7 @@ metadata_url = "{self.server.url}/metadata"
 targets_url = "{self.server.url}/targets"
 trusted_root = "{ROOT_JSON}"
 retries = 3
+allow_example_keys = true  # a test: the repository is signed with keys-example/
 [device]
 hardware = "x86_64-efi"
 disk = "{self.disk}"

@@ -61,6 +61,9 @@ class RepositoryConfig:
     metadata_deadline: float = 120.0
     min_rate: float = 1024.0
     rate_window: float = 60.0
+    # Trust a root naming a key of keys-example/ (whose private half is public): demos
+    # and tests only.
+    allow_example_keys: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,14 @@ class _Table:
             raise self.error(key, f"{_shown(value)} is out of range ({minimum} to {maximum})")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {_toml_type(value)}")
+        return value
+
     def argv(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self.raw(key, False)
         if value is None:
@@ -324,6 +335,7 @@ def _repository(t: _Table) -> RepositoryConfig:
         metadata_deadline=t.number("metadata_deadline", 120.0, minimum=0.1, maximum=24 * 3600),
         min_rate=t.number("min_rate", 1024.0, minimum=0, maximum=1 << 40),
         rate_window=t.number("rate_window", 60.0, minimum=0.1, maximum=24 * 3600),
+        allow_example_keys=t.boolean("allow_example_keys", False),
     )
     t.finish()
     return repo

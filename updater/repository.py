@@ -17,6 +17,10 @@ Invariants:
 
 * Only verified metadata is ever used: `targets()` reads ngclient's trusted set, and
   every delegated target is confirmed through ngclient's own `get_targetinfo`.
+* No root naming a key of keys-example/ (whose private halves are published) is
+  trusted unless the caller passes `allow_example_keys=True` (a demo or a test): the
+  bootstrap `trusted_root` is checked when the Repository is built, and the trusted
+  root again after every refresh, since a rotation could introduce one.
 * Every read of untrusted bytes is bounded: metadata by ngclient's `UpdaterConfig`
   limits (also for `file://`), targets by the trusted `length` (the stream aborts the
   moment one byte more arrives), the bootstrap root by `root_max_length`.
@@ -54,6 +58,7 @@ from tuf.ngclient.updater import Updater
 
 from updater.config import RepositoryConfig
 from updater.errors import ConfigError, UpdateFailed, UpdateRejected
+from updater.examplekeys import WHY, example_keys_among
 from updater.fetcher import (
     DownloadLimits,
     RequestsFetcher,
@@ -136,12 +141,14 @@ class Repository:
         *,
         config: UpdaterConfig | None = None,
         limits: DownloadLimits | None = None,
+        allow_example_keys: bool = False,
     ) -> None:
         self.metadata_url = metadata_url
         self.targets_url = targets_url
         self.cache_dir = cache_dir
         self.config = config or UpdaterConfig()
         self.limits = limits or DownloadLimits()
+        self.allow_example_keys = allow_example_keys
         self.fetcher = fetcher if fetcher is not None else RequestsFetcher(session)
         self._recorder = _RecordingFetcher(self.fetcher, self.limits.metadata_deadline)
         self._root_bytes = self._read_trusted_root(trusted_root)
@@ -152,6 +159,8 @@ class Repository:
             raise UpdateFailed(f"cannot create TUF cache {cache_dir}: {e.strerror}") from e
         self._updater = self._new_updater()
         self._refreshed = False
+        self._bootstrap_version = self._trusted().root.version
+        self._refuse_example_keys()
 
     @classmethod
     def from_config(
@@ -164,8 +173,9 @@ class Repository:
         targets_url: str | None = None,
     ) -> Repository:
         """The repository a `[repository]` table describes, every key applied here
-        (`timeout`, the slow-retrieval limits); the URLs may be overridden (a mounted
-        medium, `install --from`). `retries` is for the caller's `stream_target`."""
+        (`timeout`, the slow-retrieval limits, `allow_example_keys`); the URLs may be
+        overridden (a mounted medium, `install --from`). `retries` is for the caller's
+        `stream_target`."""
         return cls(
             metadata_url if metadata_url is not None else repo.metadata_url,
             targets_url if targets_url is not None else repo.targets_url,
@@ -177,6 +187,7 @@ class Repository:
                 min_rate=repo.min_rate,
                 rate_window=repo.rate_window,
             ),
+            allow_example_keys=repo.allow_example_keys,
         )
 
     def _read_trusted_root(self, path: Path) -> bytes:
@@ -233,7 +244,26 @@ class Repository:
             self._refreshed = False
         with self._translated(f"refreshing TUF metadata from {self.metadata_url}"):
             self._updater.refresh()
+        self._refuse_example_keys()
         self._refreshed = True
+
+    def _refuse_example_keys(self) -> None:
+        """MetadataRejected if the trusted root names a key of keys-example/."""
+        if self.allow_example_keys:
+            return
+        root = self._trusted().root
+        found = example_keys_among((keyid, key.keyval) for keyid, key in root.keys.items())
+        if not found:
+            return
+        names = ", ".join(sorted({name for _, name in found}))
+        where = f"trusted root {self._trusted_root}"
+        if root.version != self._bootstrap_version:
+            rotated = f"root version {root.version} from {self.metadata_url}"
+            where = f"{rotated} (rotated to from {where})"
+        raise MetadataRejected(
+            f"{where}: names the example key {names}: {WHY}; refused unless "
+            "[repository] allow_example_keys = true (demos and tests only)"
+        )
 
     def _trusted(self) -> TrustedMetadataSet:
         # ngclient keeps verified metadata only in its trusted set; there is no public

@@ -236,7 +236,12 @@ def test_publish_between_timestamp_and_snapshot_is_consistent(node: Node, tmp_pa
     with serving(mdir) as url:
         fetcher = PausingFetcher("/timestamp.json", lambda: sync(node, mdir))
         repo = Repository(
-            f"{url}/metadata", f"{url}/targets", ROOT_JSON, tmp_path / "reader", fetcher=fetcher
+            f"{url}/metadata",
+            f"{url}/targets",
+            ROOT_JSON,
+            tmp_path / "reader",
+            fetcher=fetcher,
+            allow_example_keys=True,
         )
         repo.refresh()
         assert (
@@ -245,7 +250,9 @@ def test_publish_between_timestamp_and_snapshot_is_consistent(node: Node, tmp_pa
         targets = repo.targets()  # the old state's snapshot and targets, still served
         (path,) = targets
         assert len(b"".join(repo.stream_target(targets[path]))) == targets[path].length
-        fresh = Repository(f"{url}/metadata", f"{url}/targets", ROOT_JSON, tmp_path / "r2")
+        fresh = Repository(
+            f"{url}/metadata", f"{url}/targets", ROOT_JSON, tmp_path / "r2", allow_example_keys=True
+        )
         assert len(fresh.targets()) == 2
 
 
@@ -255,7 +262,13 @@ def test_publish_that_prunes_between_metadata_and_image_is_consistent(
     mdir = tmp_path / "mirror"
     sync(node, mdir)
     with serving(mdir) as url:
-        repo = Repository(f"{url}/metadata", f"{url}/targets", ROOT_JSON, tmp_path / "reader")
+        repo = Repository(
+            f"{url}/metadata",
+            f"{url}/targets",
+            ROOT_JSON,
+            tmp_path / "reader",
+            allow_example_keys=True,
+        )
         (target,) = repo.targets().values()
         new_release(node, "3.0.0")
         assert sync(node, mdir, keep=1).releases[0]["version"] == "3.0.0"

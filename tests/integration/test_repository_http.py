@@ -214,8 +214,23 @@ def test_repository_built_by_the_signing_tools(http_server: HTTPTestServer, tmp_
     image = write_image(tmp_path / "root.raw", 3 * MIB + 5)
     assert http_server.root is not None
     make_repo(http_server.root, [ImageSpec(image, "1.2.0", compression="none")])
+    with pytest.raises(MetadataRejected) as info:
+        Repository(
+            f"{http_server.url}/metadata", f"{http_server.url}/targets", ROOT_JSON, tmp_path / "no"
+        )
+    assert str(info.value).startswith(
+        f"trusted root {ROOT_JSON}: names the example key keys-example/root, "
+        "keys-example/snapshot, keys-example/targets, keys-example/timestamp: its private key "
+        "is published in keys-example/ for demos and tests, so anyone can sign with it; "
+        "refused unless [repository] allow_example_keys = true"
+    )
+    assert http_server.requests == []  # refused before anything was fetched
     repo = Repository(
-        f"{http_server.url}/metadata", f"{http_server.url}/targets", ROOT_JSON, tmp_path / "tuf"
+        f"{http_server.url}/metadata",
+        f"{http_server.url}/targets",
+        ROOT_JSON,
+        tmp_path / "tuf",
+        allow_example_keys=True,  # a test: the repository is signed with keys-example/
     )
     targets = repo.targets()
     chosen = release.select(

@@ -108,6 +108,7 @@ def test_defaults() -> None:
     assert config.repository.proxy is None and config.repository.ca_bundle is None
     repo = config.repository
     assert (repo.metadata_deadline, repo.min_rate, repo.rate_window) == (120, 1024, 60)
+    assert repo.allow_example_keys is False  # production trusts no published key
     assert (config.health.deadline, config.health.interval, config.health.checks) == (600, 10, ())
     assert (config.daemon.interval, config.daemon.jitter) == (3600, 300)
     assert config.hooks.reboot == ("systemctl", "reboot")
@@ -128,7 +129,7 @@ jitter = 0
         'trusted_root = "/etc/updater/root.json"',
         'trusted_root = "root.json"\ntimeout = 5.5\nretries = 0\n'
         'proxy = "http://proxy.example:3128"\nca_bundle = "ca.pem"\n'
-        "metadata_deadline = 5\nmin_rate = 0\nrate_window = 2.5",
+        "metadata_deadline = 5\nmin_rate = 0\nrate_window = 2.5\nallow_example_keys = true",
         text,
     )
     text = edit("deadline = 600", "deadline = 60\ninterval = 2\ntimeout = 3", text)
@@ -144,6 +145,7 @@ jitter = 0
     assert (config.repository.timeout, config.repository.retries) == (5.5, 0)
     repo = config.repository
     assert (repo.metadata_deadline, repo.min_rate, repo.rate_window) == (5, 0, 2.5)
+    assert repo.allow_example_keys is True
     assert [c.timeout for c in config.health.checks] == [3.0, 1.0]
     assert config.health.interval == 2
     assert config.daemon.jitter == 0 and config.daemon.interval == 900
@@ -213,6 +215,11 @@ def test_file_url_accepted() -> None:
             "[repository] metadata_deadline: 0 is out of range (0.1 to 86400)",
         ),
         ("[device]", "min_rate = -1\n[device]", "[repository] min_rate: -1 is out of range"),
+        (
+            "[device]",
+            "allow_example_keys = 1\n[device]",
+            "[repository] allow_example_keys: must be true or false, not an integer",
+        ),
         (
             "[device]",
             'rate_window = "60"\n[device]',

@@ -8,12 +8,15 @@ wired by updater.repository (fetcher, cache, error mapping).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined]
 from tuf.api.metadata import Metadata
 
 from tests.reposim import METADATA_URL, TARGETS_URL, RepositorySimulator, release_custom
+from tests.signing_helpers import KEYS_DIR
 from updater import release
 from updater.repository import MetadataRejected, Repository, TargetRejected
 
@@ -219,3 +222,27 @@ def test_delegated_role_cannot_list_targets_outside_its_paths(
     assert b"".join(repo.stream_target(repo.get_targetinfo("arm64/2.0.0/root.img"))) == arm
     with pytest.raises(TargetRejected, match=r"x86_64-generic/9\.0\.0/root\.img is not in"):
         repo.get_targetinfo("x86_64-generic/9.0.0/root.img")
+
+
+def test_rotation_to_a_root_with_an_example_key_is_refused(
+    sim: RepositorySimulator, trusted: dict[str, bytes], tmp_path: Path
+) -> None:
+    # Root v2, properly signed, adds the published keys-example/timestamp key: from
+    # then on anyone could sign timestamps, so the node must not trust root v2.
+    pub = json.loads((KEYS_DIR / "timestamp.pub").read_text())
+    sim.root.add_key(SSlibKey.from_dict(pub.pop("keyid"), pub), "timestamp")
+    sim.next_root()
+    shipped = tmp_path / "shipped-root.json"
+    refresh_fails(
+        sim,
+        tmp_path,
+        rf"^root version 2 from {METADATA_URL} \(rotated to from trusted root {shipped}\): "
+        r"names the example key keys-example/timestamp: its private key is published",
+    )
+    assert cache(tmp_path)["timestamp.json"] == trusted["timestamp.json"]
+    # A demo or test may say so explicitly.
+    repo = Repository(
+        METADATA_URL, TARGETS_URL, shipped, tmp_path / "tuf", fetcher=sim, allow_example_keys=True
+    )
+    repo.refresh()
+    assert repo.get_targetinfo(PATH).length == len(IMAGE)

@@ -38,6 +38,7 @@ CONFIG = """\
 metadata_url = "file:///mnt/updates/metadata/"
 targets_url = "file:///mnt/updates/targets/"
 trusted_root = "/etc/updater/root.json"
+allow_example_keys = true  # a test node: its releases are signed with keys-example/
 
 [device]
 hardware = "{hardware}"
