@@ -32,6 +32,13 @@ _KINDS = {
 }
 
 
+def file_kind(mode: int) -> str:
+    """What an `st_mode` is, for messages: "a regular file", "a FIFO", "a directory"..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return _KINDS.get(stat.S_IFMT(mode), "not a file")
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new directory entry in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -108,7 +115,7 @@ def read_regular(path: Path, limit: int) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
+            kind = file_kind(st.st_mode)
             raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
         chunks: list[bytes] = []
         size = 0

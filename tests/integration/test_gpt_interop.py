@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,46 @@ def test_uncommon_entry_count_is_kept_and_edits_stay_sgdisk_clean(sparse_disk: P
     # (cgpt refuses tables of other than 128 entries, even sgdisk's; ask sfdisk.)
     assert _sfdisk(sparse_disk)[0]["attrs"] == "GUID:54"  # tries=4: bit 52+2
     assert "Partition table holds up to 256 entries" in run_tool("sgdisk", "-p", sparse_disk).stdout
+
+
+def _sfdisk_made(path: Path) -> None:
+    subprocess.run(
+        [run_tool("sfdisk", "--version").args[0], "-q", str(path)],
+        input="label: gpt\nsize=8M, name=root_a\nsize=8M, name=root_b\nname=data\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+
+
+def _cgpt_made(path: Path) -> None:
+    run_tool("cgpt", "create", path)
+    run_tool("cgpt", "boot", "-p", path)  # the protective MBR
+    run_tool("cgpt", "add", "-b", "2048", "-s", "16384", "-t", "data", "-l", "root_a", path)
+    run_tool("cgpt", "add", "-b", "18432", "-s", "16384", "-t", "data", "-l", "root_b", path)
+    run_tool("cgpt", "add", "-i", "1", "-P", "2", "-T", "1", "-S", "0", path)
+
+
+@pytest.mark.parametrize("make", [_sfdisk_made, _cgpt_made], ids=["sfdisk", "cgpt"])
+def test_tables_made_by_sfdisk_and_cgpt_pass_the_checks_also_grown(
+    sparse_disk: Path, make: Callable[[Path], None]
+) -> None:
+    make(sparse_disk)
+    disk = gpt.read_gpt(sparse_disk)  # every read validates the geometry
+    assert disk.damaged == []
+    assert [p.name for p in disk.partitions][:2] == ["root_a", "root_b"]
+    theirs = _sfdisk(sparse_disk)
+    assert [t["start"] for t in theirs] == [p.first_lba for p in disk.partitions]
+    assert len({p.unique_guid for p in disk.partitions}) == len(disk.partitions)
+    with sparse_disk.open("r+b") as f:
+        f.truncate(2 * 64 << 20)  # grown image: the backup now sits in the middle
+    grown = gpt.read_gpt(sparse_disk)
+    assert grown.partitions == disk.partitions
+    assert grown.backup_lba == disk.backup_lba < grown.total_sectors - 1
+    assert gpt.repair_gpt(sparse_disk) == []  # both copies valid where they are
+    _sgdisk_clean_or_only_moved_backup(sparse_disk)
+
+
+def _sgdisk_clean_or_only_moved_backup(path: Path) -> None:
+    out = run_tool("sgdisk", "-v", path, check=False).stdout
+    assert "No problems found" in out or "secondary header's self-pointer" in out, out

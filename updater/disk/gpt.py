@@ -1,13 +1,19 @@
 """The GUID Partition Table: a two-copy reader and an ordered writer.
 
 Each on-disk structure (protective MBR, GPT header, partition entry) is declared once
-as a construct Struct in `updater.disk.gpt_format`; CRC32s are computed here by
-`_build_header`/`_entries_bytes`, never patched by hand.
+as a construct Struct in `updater.disk.gpt_format`; the table as data (`GptDisk`,
+`Partition`) and its validation are in `updater.disk.gpt_table`. CRC32s are computed
+here by `_build_header`/`_entries_bytes`, never patched by hand.
 
 Invariants:
 * Reading checks BOTH copies (primary at LBA 1, backup at the last LBA). One damaged
   copy -> the other is used and `GptDisk.damaged` says which and why; both damaged ->
   `GPTError` naming the file and both reasons.
+* A CRC only proves the bytes are as someone wrote them: every table read, like every
+  table written, passes `GptDisk.validate` (geometry, overlaps, unique GUIDs), else
+  `GPTError` naming the disk and the entry. A partition can never reach the table.
+* Only a regular (image) file or a block device is a disk; anything else (a FIFO, a
+  directory, a character device) is refused before it is opened for I/O.
 * Parse -> build is byte-exact: fields this module does not interpret (entry count and
   size, revision, header size, reserved bytes, bytes of empty or oversized entries)
   are kept as found and written back unchanged.
@@ -20,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import os
 import stat
@@ -28,7 +35,6 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,152 +45,19 @@ from updater.disk.gpt_format import (
     ENTRY_SIZE,
     HEADER_SIZE,
     MAX_ENTRY_ARRAY,
-    REVISION_1_0,
     GptEntry,
     GptHeader,
     Guid,
     ProtectiveMbr,
 )
+from updater.disk.gpt_table import EMPTY_TYPE
+from updater.disk.gpt_table import GptDisk as GptDisk  # re-exported: the table type
+from updater.disk.gpt_table import Partition as Partition
 from updater.errors import DeviceError, GPTError
+from updater.fsutil import file_kind
 
 _BLKSSZGET = 0x1268
 _BLKGETSIZE64 = 0x80081272
-
-
-_EMPTY_TYPE = uuid.UUID(int=0)
-
-
-@dataclass(frozen=True)
-class Partition:
-    """One non-empty partition entry; `number` is its 1-based index in the entry array."""
-
-    number: int
-    type_guid: uuid.UUID
-    unique_guid: uuid.UUID
-    first_lba: int
-    last_lba: int
-    attributes: int
-    name: str
-
-    @property
-    def priority(self) -> int:
-        return (self.attributes >> 48) & 0xF
-
-    @property
-    def tries(self) -> int:
-        return (self.attributes >> 52) & 0xF
-
-    @property
-    def successful(self) -> bool:
-        return bool((self.attributes >> 56) & 1)
-
-    def size_bytes(self, sector_size: int) -> int:
-        return (self.last_lba - self.first_lba + 1) * sector_size
-
-    def with_boot_attrs(
-        self,
-        *,
-        priority: int | None = None,
-        tries: int | None = None,
-        successful: bool | None = None,
-    ) -> Partition:
-        """A copy with the ChromeOS-style boot bits changed; other bits are kept."""
-        attrs = self.attributes
-        for value, shift, what in ((priority, 48, "priority"), (tries, 52, "tries")):
-            if value is None:
-                continue
-            if not 0 <= value <= 15:
-                raise GPTError(f"partition {self.name!r}: {what} {value} is not in 0-15")
-            attrs = (attrs & ~(0xF << shift)) | (value << shift)
-        if successful is not None:
-            attrs = (attrs & ~(1 << 56)) | (int(successful) << 56)
-        return dataclasses.replace(self, attributes=attrs)
-
-
-@dataclass(frozen=True)
-class GptDisk:
-    """A parsed (or planned) GPT. Change it in memory, then `write_gpt` commits it."""
-
-    sector_size: int
-    total_sectors: int
-    disk_guid: uuid.UUID
-    first_usable_lba: int
-    last_usable_lba: int
-    partitions: list[Partition]
-    damaged: list[str] = field(default_factory=list)
-    source: str = "<new>"
-    num_entries: int = DEFAULT_ENTRIES
-    entry_size: int = ENTRY_SIZE
-    entries_lba: int = 2
-    backup_lba: int = 0  # 0: the last sector
-    backup_entries_lba: int = 0  # 0: just before the backup header
-    # Kept as found so that parse -> build is byte-exact.
-    revision: int = REVISION_1_0
-    header_size: int = HEADER_SIZE
-    header_reserved: int = 0
-    header_tail: bytes = b""  # header sector bytes after the 92 interpreted ones
-    raw_entries: tuple[bytes, ...] = ()
-    mbr: bytes = b""
-
-    def __post_init__(self) -> None:
-        if self.backup_lba == 0:
-            object.__setattr__(self, "backup_lba", self.total_sectors - 1)
-        if self.backup_entries_lba == 0:
-            object.__setattr__(
-                self, "backup_entries_lba", self.backup_lba - self.entry_array_sectors
-            )
-
-    @property
-    def entry_array_sectors(self) -> int:
-        return -(-self.num_entries * self.entry_size // self.sector_size)
-
-    def find(self, name: str) -> Partition:
-        """The one partition called `name`; GPTError if there is none or several."""
-        found = [p for p in self.partitions if p.name == name]
-        if len(found) != 1:
-            what = "no partition" if not found else f"{len(found)} partitions"
-            raise GPTError(f"{self.source}: {what} named {name!r}")
-        return found[0]
-
-    def replace(self, p: Partition) -> GptDisk:
-        """A copy with the entry numbered `p.number` replaced by (or set to) `p`."""
-        if not 1 <= p.number <= self.num_entries:
-            raise GPTError(f"{self.source}: no entry slot {p.number} (1-{self.num_entries})")
-        parts = [q for q in self.partitions if q.number != p.number] + [p]
-        return dataclasses.replace(self, partitions=sorted(parts, key=lambda q: q.number))
-
-    def validate(self) -> None:
-        """Refuse a table a firmware would misread: overlaps, out-of-range entries."""
-        where = self.source
-        if not (
-            self.entries_lba + self.entry_array_sectors
-            <= self.first_usable_lba
-            <= self.last_usable_lba
-            < self.backup_entries_lba
-            < self.backup_lba
-            < self.total_sectors
-        ):
-            raise GPTError(
-                f"{where}: usable range {self.first_usable_lba}-"
-                f"{self.last_usable_lba} does not fit the disk"
-            )
-        prev: Partition | None = None
-        for p in sorted(self.partitions, key=lambda q: q.first_lba):
-            if not 1 <= p.number <= self.num_entries:
-                raise GPTError(f"{where}: partition {p.name!r} has entry number {p.number}")
-            if p.type_guid == _EMPTY_TYPE:
-                raise GPTError(f"{where}: partition {p.number} has the empty type GUID")
-            if not self.first_usable_lba <= p.first_lba <= p.last_lba <= self.last_usable_lba:
-                raise GPTError(
-                    f"{where}: partition {p.number} ({p.name!r}) sectors "
-                    f"{p.first_lba}-{p.last_lba} are outside the usable range "
-                    f"{self.first_usable_lba}-{self.last_usable_lba}"
-                )
-            if prev is not None and p.first_lba <= prev.last_lba:
-                raise GPTError(f"{where}: partitions {prev.number} and {p.number} overlap")
-            prev = p
-        if len({p.number for p in self.partitions}) != len(self.partitions):
-            raise GPTError(f"{where}: two partitions share an entry number")
 
 
 def new_gpt(
@@ -265,7 +138,7 @@ def _entries_bytes(disk: GptDisk) -> bytes:
         p = by_number.get(i + 1)
         if p is None:
             # Empty entry: keep whatever was there unless it parses as a partition.
-            is_empty = Guid.parse(raw[:16]) == _EMPTY_TYPE
+            is_empty = Guid.parse(raw[:16]) == EMPTY_TYPE
             out += raw if is_empty else bytes(disk.entry_size)
             continue
         if _parse_entry(i, raw) == p:
@@ -331,7 +204,7 @@ def build_tables(disk: GptDisk) -> dict[str, tuple[int, bytes]]:
 
 def _parse_entry(index: int, raw: bytes) -> Partition | None:
     e = GptEntry.parse(raw)
-    if e.type_guid == _EMPTY_TYPE:
+    if e.type_guid == EMPTY_TYPE:
         return None
     return Partition(
         index + 1, e.type_guid, e.unique_guid, e.first_lba, e.last_lba, e.attributes, e.name
@@ -386,10 +259,33 @@ def _summary(copy: _Copy) -> tuple[object, ...]:
     return (*(getattr(copy.header, k) for k in keys), copy.entries)
 
 
+def _check_disk_kind(mode: int, path: Path) -> None:
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        why = f"not a disk: {file_kind(mode)} (a disk is a block device or an image file)"
+        raise OSError(errno.EINVAL, why, str(path))
+
+
+def open_disk(path: Path, flags: int) -> int:
+    """Open a disk - a block device or a regular (image) file, nothing else - and return
+    the descriptor. The kind is checked before opening (opening some character devices
+    has effects: a watchdog starts counting) and again on the descriptor, which is opened
+    non-blocking so that a FIFO swapped in meanwhile cannot hang the caller; O_NONBLOCK is
+    then cleared. Raises OSError; EINVAL "not a disk: a FIFO (...)" for anything else."""
+    _check_disk_kind(os.stat(path).st_mode, path)
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        _check_disk_kind(os.fstat(fd).st_mode, path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @contextmanager
 def _open(path: Path, flags: int) -> Iterator[int]:
     try:
-        fd = os.open(path, flags | os.O_CLOEXEC)
+        fd = open_disk(path, flags)
     except OSError as e:
         raise DeviceError(f"cannot open {path}: {e.strerror}") from e
     try:
@@ -465,7 +361,7 @@ def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
     else:  # 0: derived from backup_lba by GptDisk
         backup_lba = h.alternate_lba if 1 < h.alternate_lba < total else total - 1
         backup_entries = 0
-    return GptDisk(
+    disk = GptDisk(
         sector_size=ss,
         total_sectors=total,
         disk_guid=h.disk_guid,
@@ -486,6 +382,10 @@ def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
         raw_entries=raw,
         mbr=mbr,
     )
+    # Nothing read from the disk is trusted: a CRC only proves the bytes are as written.
+    # Without a backup copy, its place is checked only if the header puts it on the disk.
+    disk.validate(backup=backup is not None or 1 < h.alternate_lba < total)
+    return disk
 
 
 # --- writing -------------------------------------------------------------------------
