@@ -150,6 +150,50 @@ def test_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
         read_grubenv(path)
 
 
+def test_directory_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(GrubenvError) as err:
+        read_grubenv(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path}: not a GRUB environment block: not a regular file (a directory)"
+    )
+    with pytest.raises(GrubenvError, match="a directory"):
+        update_grubenv(tmp_path, set={"A_OK": "1"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_follows_a_symlink_to_the_real_file(tmp_path: Path) -> None:
+    real = tmp_path / "esp" / "grubenv"
+    real.parent.mkdir()
+    write_grubenv(real, {"ORDER": "B A"})
+    link = tmp_path / "grubenv"
+    link.symlink_to(real)
+    assert read_grubenv(link) == {"ORDER": "B A"}
+    hop = tmp_path / "hop"
+    hop.symlink_to(link)
+    assert read_grubenv(hop) == {"ORDER": "B A"}
+
+
+def test_symlinks_to_a_fifo_a_directory_or_nothing_are_refused(tmp_path: Path) -> None:
+    fifo, missing = tmp_path / "fifo", tmp_path / "missing"
+    os.mkfifo(fifo)
+    cases = {fifo: "not a regular file (a FIFO)", tmp_path: "not a regular file (a directory)"}
+    for target, why in cases.items():
+        link = tmp_path / f"link-{target.name}"
+        link.symlink_to(target)
+        with pytest.raises(
+            GrubenvError, match=re.escape(f"{link}: not a GRUB environment block: {why}")
+        ):
+            read_grubenv(link)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(missing)
+    with pytest.raises(UpdaterError, match="cannot open grubenv: No such file"):
+        read_grubenv(dangling)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UpdaterError, match="cannot open grubenv: Too many levels of symbolic"):
+        read_grubenv(loop)
+
+
 def test_missing_file_is_an_environment_error(tmp_path: Path) -> None:
     with pytest.raises(UpdaterError, match="cannot open grubenv"):
         read_grubenv(tmp_path / "nope")

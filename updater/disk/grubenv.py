@@ -13,23 +13,24 @@ Invariants kept here:
   the mapping's order is the order of the lines, and an updated key keeps its place,
   exactly as `grub-editenv set` does.
 * Bytes that are not UTF-8 survive a round trip (decoded with `surrogateescape`).
-* Untrusted input is read bounded (at most 1025 bytes) and anything that is not a
-  well-formed block raises `GrubenvError` naming the file and the reason.
+* Untrusted input is read bounded (at most 1025 bytes), only from a regular file (a
+  symlink is followed; a FIFO, directory or device is refused unread), and anything
+  that is not a well-formed block raises `GrubenvError` naming the file and the reason.
 * `write_grubenv` never leaves a half-written file: temp file in the same directory,
   fsync, rename, fsync of the directory; on any error the old file is untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from construct import Bytes, Const, ConstructError, Struct, Terminated
 
 from updater.errors import DeviceError, GrubenvError
-from updater.fsutil import atomic_write
+from updater.fsutil import atomic_write, read_regular
 
 GRUBENV_SIZE = 1024
 SIGNATURE = b"# GRUB Environment Block\n"
@@ -158,18 +159,17 @@ def parse_grubenv(data: bytes, source: str) -> dict[str, str]:
 
 
 def _read_bounded(path: Path) -> bytes:
+    """At most GRUBENV_SIZE bytes of the regular file `path` (through symlinks, as GRUB's
+    own tools read it); a FIFO, directory or device is refused before a byte is read."""
     try:
-        # O_NONBLOCK: a FIFO planted at the path must not hang the agent.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path, GRUBENV_SIZE)
     except OSError as err:
+        if err.errno == errno.EFBIG:
+            why = f"size is {GRUBENV_SIZE + 1} bytes or more, not {GRUBENV_SIZE}"
+            raise GrubenvError(f"{path}: not a GRUB environment block: {why}") from err
+        if err.errno == errno.EINVAL:  # read_regular: not a regular file (a FIFO)
+            raise GrubenvError(f"{path}: not a GRUB environment block: {err.strerror}") from err
         raise DeviceError(f"{path}: cannot open grubenv: {err.strerror}") from err
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise GrubenvError(f"{path}: not a GRUB environment block: not a regular file")
-        try:
-            return f.read(GRUBENV_SIZE + 1)
-        except OSError as err:
-            raise DeviceError(f"{path}: cannot read grubenv: {err.strerror}") from err
 
 
 def read_grubenv(path: str | os.PathLike[str]) -> dict[str, str]:
