@@ -36,10 +36,12 @@ JSON_KEYS = {
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([UPDATER, *map(str, args)], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [UPDATER, *map(str, args)], capture_output=True, text=True, check=False, timeout=60
+    )
 
 
-def _digest(path: Path) -> str:
+def sparse_digest(path: Path) -> str:
     """SHA-256 of a sparse file's size and every data extent (holes read as zeros, so
     this covers every byte without reading a GiB of them)."""
     if not path.exists():
@@ -103,13 +105,13 @@ def test_existing_table_is_refused_without_force(tmp_path: Path) -> None:
         cli, ["layout", "apply", str(LAYOUTS / "grub-efi-ab.toml"), str(disk), "--size", "1G"]
     )
     assert first.exit_code == 0, first.output
-    before = _digest(disk)
+    before = sparse_digest(disk)
     again = _run("layout", "apply", LAYOUTS / "gptprio-ab.toml", disk)
     assert again.returncode != 0
     assert (
         again.stderr == f"updater: error: {disk}: already holds a GPT (use --force to overwrite)\n"
     )
-    assert _digest(disk) == before
+    assert sparse_digest(disk) == before
     forced = runner.invoke(
         cli, ["layout", "apply", str(LAYOUTS / "gptprio-ab.toml"), str(disk), "--force"]
     )
@@ -128,10 +130,10 @@ def test_mbr_disk_is_refused_without_force(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    before = _digest(disk)
+    before = sparse_digest(disk)
     out = _run("layout", "apply", LAYOUTS / "grub-efi-ab.toml", disk)
     assert out.returncode != 0 and "already holds an MBR partition table" in out.stderr
-    assert _digest(disk) == before
+    assert sparse_digest(disk) == before
 
 
 PART = '[[partition]]\nname = "{}"\ntype = "{}"\nsize = "{}"\n'
@@ -163,14 +165,14 @@ def test_bad_layout_fails_cleanly_and_touches_nothing(
     if existing:
         with disk.open("wb") as f:
             f.truncate(GIB)
-    before = _digest(disk)
+    before = sparse_digest(disk)
     out = _run("layout", "apply", layout, disk, "--size", "1G", "--force")
     assert out.returncode == 2, out.stderr  # ConfigError
     assert out.stdout == ""
     (line,) = out.stderr.splitlines()
     assert line.startswith(f"updater: error: {layout}: ") and field in line, line
     assert "Traceback" not in out.stderr
-    assert _digest(disk) == before
+    assert sparse_digest(disk) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["bad.toml"] + (["disk.img"] if existing else [])
     )
@@ -197,14 +199,14 @@ def test_environment_errors_are_one_line(tmp_path: Path, argv: list[str], messag
     zeros = tmp_path / "zeros.img"
     with zeros.open("wb") as f:
         f.truncate(8 << 20)
-    before = _digest(zeros)
+    before = sparse_digest(zeros)
     args = [a.format(tmp=tmp_path, layouts=LAYOUTS) for a in argv]
     result = CliRunner().invoke(cli, args, prog_name="updater")
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit), result.exception
     (line,) = result.output.splitlines()
     assert line.startswith("updater: error: ") and message in line, line
-    assert _digest(zeros) == before
+    assert sparse_digest(zeros) == before
     assert not (tmp_path / "new.img").exists()
 
 
@@ -219,3 +221,74 @@ def test_grow_an_existing_image_only_when_asked(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert disk.stat().st_size == GIB
     assert "No problems found" in run_tool("sgdisk", "-v", disk).stdout
+
+
+@pytest.mark.parametrize(
+    ("size", "why"),
+    [
+        ("9999999T", "--size: size '9999999T' is over the limit of 9223372036854775807 bytes"),
+        ("9" * 5000 + "G", "--size: size '999999999999999999999999' is over the limit of "),
+        ("0", "--size: bad size '0'"),
+        ("0G", "--size: bad size '0G'"),
+        ("-1G", "--size: bad size '-1G'"),
+    ],
+)
+def test_sizes_no_file_can_have_are_one_line(tmp_path: Path, size: str, why: str) -> None:
+    out = _run(
+        "layout", "apply", LAYOUTS / "grub-efi-ab.toml", tmp_path / "new.img", "--size", size
+    )
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"updater: error: {why}"), line
+    assert len(line) < 200
+    assert list(tmp_path.iterdir()) == []
+
+
+def _not_a_disk(tmp_path: Path, kind: str) -> Path:
+    if kind == "directory":
+        return tmp_path
+    if kind == "character device":
+        return Path("/dev/null")
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "character device"])
+@pytest.mark.parametrize("command", ["show", "repair", "apply"])
+def test_show_repair_apply_on_what_is_not_a_disk(tmp_path: Path, kind: str, command: str) -> None:
+    target = _not_a_disk(tmp_path, kind)
+    args: list[str | Path] = ["layout", command, target]
+    if command == "apply":
+        args[2:2] = [LAYOUTS / "grub-efi-ab.toml"]
+    before = sorted(tmp_path.iterdir())
+    out = _run(*args)  # bounded: _run's subprocess timeout
+    assert out.returncode == 4, out.stderr
+    (line,) = out.stderr.splitlines()
+    if command == "apply":
+        assert line == f"updater: error: {target}: neither a block device nor a regular file"
+    else:
+        assert line == (
+            f"updater: error: cannot open {target}: not a disk: a {kind} "
+            "(a disk is a block device or an image file)"
+        )
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "character device", "deep", "types"])
+def test_layout_file_that_is_not_a_layout_is_one_line(tmp_path: Path, kind: str) -> None:
+    if kind == "deep":
+        layout, why = tmp_path / "deep.toml", "not valid TOML: nested too deeply"
+        layout.write_text("a = " + "[" * 3000 + "]" * 3000 + "\n")
+    elif kind == "types":
+        layout, why = tmp_path / "types.toml", "partition 1 (5).name: must be a non-empty"
+        layout.write_text("[[partition]]\nname = 5\nsize = []\ntype = {}\npriority = 99\n")
+    else:
+        layout = _not_a_disk(tmp_path, kind)
+        why = f"cannot read layout: not a regular file (a {kind})"
+    disk = tmp_path / "new.img"
+    out = _run("layout", "apply", layout, disk, "--size", "1G")
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"updater: error: {layout}: {why}"), line
+    assert not disk.exists()

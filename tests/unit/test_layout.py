@@ -3,18 +3,24 @@ disks; writing them to disks is in tests/integration/)."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
+from tests.bounded import fifo, within
 from updater.disk.layout import (
     TYPE_ALIASES,
+    layout_from_dict,
     load_layout,
     parse_size,
     plan_layout,
 )
-from updater.errors import LayoutError
+from updater.errors import LayoutError, UpdaterError
 
 LAYOUTS = Path(__file__).resolve().parents[2] / "partition-layouts"
 GIB = 1 << 30
@@ -35,7 +41,9 @@ def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "0M", "12", "1.5G", "-1M", "5X", "M", "rest"])
+@pytest.mark.parametrize(
+    "text", ["", "0M", "12", "1.5G", "-1M", "5X", "M", "rest", "1\u212a", "1M\n1M", "\u0661M"]
+)
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="bad size"):
         parse_size(text)
@@ -133,3 +141,226 @@ def test_bad_layouts_name_file_and_field(tmp_path: Path, case: str) -> None:
     assert str(err.value).startswith(f"{path}: "), str(err.value)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+# --- hostile input: limits, wrong types, what is not a file, arbitrary documents --------
+
+
+@pytest.mark.parametrize(
+    "text", ["9999999T", "8388608T", "9" * 20 + "K", "9" * 5000 + "M", "1" + "0" * 4400 + "G"]
+)
+def test_parse_size_refuses_sizes_no_file_can_have(text: str) -> None:
+    with pytest.raises(ValueError) as err:
+        parse_size(text)
+    assert str(err.value).startswith(f"size {text[:24]!r}"), str(err.value)
+    assert "over the limit of 9223372036854775807 bytes" in str(err.value)
+    assert len(str(err.value)) < 200 and "\n" not in str(err.value)
+
+
+def test_parse_size_largest_accepted() -> None:
+    assert parse_size("8388607T") == 8388607 << 40 < 1 << 63
+
+
+def test_plan_refuses_a_target_no_file_can_be() -> None:
+    layout = load_layout(LAYOUTS / "grub-efi-ab.toml")
+    with pytest.raises(LayoutError, match="target of 9223372036854775808 bytes: over the limit"):
+        plan_layout(layout, 1 << 63)
+
+
+def test_duplicate_uuids_name_both_partitions(tmp_path: Path) -> None:
+    guid = uuid.uuid4()
+    text = (
+        _parts(("a", "esp", "1M"), ("b", "esp", "1M"))
+        .replace('name = "b"', f'name = "b"\nuuid = "{guid}"')
+        .replace('name = "a"', f'name = "a"\nuuid = "{str(guid).upper()}"')
+    )
+    path = _write(tmp_path, text)
+    with pytest.raises(LayoutError) as err:
+        load_layout(path)
+    assert str(err.value) == (
+        f"{path}: partition 2 ('b').uuid: {guid} is also the uuid of partition 1 ('a')"
+    )
+
+
+WRONG_TYPES = {
+    "size = []": "partition 1 ('a').size: must be a string",
+    "name = 5": "partition 1 (5).name: must be a non-empty string",
+    'name = ""': "partition 1 ('').name: must be a non-empty string",
+    'name = "a\\u0000b"': "partition 1 ('a\\x00b').name: must not contain NUL",
+    'attributes = "x"': "partition 1 ('a').attributes: must be an integer in 0..2^64-1",
+    "attributes = -1": "partition 1 ('a').attributes: must be an integer in 0..2^64-1",
+    "priority = 99": "partition 1 ('a').priority: must be an integer 0-15, not 99",
+    "tries = true": "partition 1 ('a').tries: must be an integer 0-15, not True",
+    "type = {}": "partition 1 ('a').type: must be a string, not {}",
+    'type = "00000000-0000-0000-0000-000000000000"': "type: the empty type GUID marks",
+    "uuid = 5": "partition 1 ('a').uuid: must be a string, not 5",
+    "uuid = [1]": "partition 1 ('a').uuid: must be a string, not [1]",
+    'successful = "yes"': "partition 1 ('a').successful: must be true/false, not 'yes'",
+    "successful = 2": "partition 1 ('a').successful: must be true/false, not 2",
+    "[layout]\ndescription = 5": "layout.description: must be a string, not 5",
+    "[layout]\nname = []": "layout.name: must be a string, not []",
+    "[layout]\ndisk_guid = 7": "layout.disk_guid: must be a string, not 7",
+    "layout = []": "layout: must be a table",
+    "partition = 5": "partition: missing",
+    "partition = [5]": "partition 1: must be a table",
+    "partition = [[]]": "partition 1: must be a table",
+}
+
+
+@pytest.mark.parametrize("line", sorted(WRONG_TYPES))
+def test_wrong_types_name_the_field(tmp_path: Path, line: str) -> None:
+    base = PART.format(name="a", type="esp", size="1M")
+    key = line.split(" =")[0]
+    if key.startswith("[layout]") or key in ("layout", "partition"):
+        text = (line + "\n" + base) if key.startswith("[layout]") else line + "\n"
+    else:
+        text = "".join(row for row in base.splitlines(True) if not row.startswith(key + " "))
+        text += line + "\n"
+    path = _write(tmp_path, text)
+    with pytest.raises(LayoutError) as err:
+        plan_layout(load_layout(path), 48 * MIB)
+    assert str(err.value).startswith(f"{path}: "), str(err.value)
+    assert WRONG_TYPES[line] in str(err.value), str(err.value)
+
+
+def test_deeply_nested_toml_is_one_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, "x = " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(LayoutError, match=r"layout\.toml: not valid TOML: nested too deeply"):
+        load_layout(path)
+    path.write_text("x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n")
+    with pytest.raises(LayoutError, match="not valid TOML"):
+        load_layout(path)
+
+
+def test_not_utf8_is_one_error(tmp_path: Path) -> None:
+    path = tmp_path / "layout.toml"
+    path.write_bytes(b'[[partition]]\nname = "\xff"\n')
+    with pytest.raises(LayoutError, match=r"layout\.toml: not UTF-8 text"):
+        load_layout(path)
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "character device", "huge file"])
+def test_a_layout_must_be_a_regular_file(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "layout.toml"
+    with contextlib.ExitStack() as stack:
+        if kind == "directory":
+            path.mkdir()
+        elif kind == "FIFO":
+            stack.enter_context(fifo(path))
+        elif kind == "character device":
+            path = Path("/dev/null")
+        else:
+            with path.open("wb") as f:
+                f.truncate(4 << 20)
+        with pytest.raises(LayoutError) as err:
+            within(lambda: load_layout(path))
+    why = "larger than 1048576 bytes" if kind == "huge file" else f"not a regular file (a {kind})"
+    assert str(err.value) == f"{path}: cannot read layout: {why}"
+
+
+# Arbitrary TOML-like values, and documents that are mostly right with one thing wrong.
+SCALARS = st.one_of(
+    st.text(max_size=6),
+    st.text(st.characters(categories=["Cs", "Cc"]), max_size=3),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(),
+    st.booleans(),
+    st.datetimes(),
+    st.sampled_from(["rest", "1M", "0M", "64MiB", "9999999T", "esp", "root-x86-64", ""]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+GUID_POOL = [str(uuid.UUID(int=n)) for n in range(3)] + [f"{{{uuid.UUID(int=1)}}}", "nope"]
+PLAUSIBLE = {
+    "name": st.sampled_from(["a", "b", "root_a", "n" * 36, "n" * 37, "a\0", "\udc80"]),
+    "type": st.sampled_from([*TYPE_ALIASES, str(uuid.UUID(int=0)), GUID_POOL[1], "ESP", "x"]),
+    "size": st.sampled_from(["1M", "4k", "rest", "47M", "3G", "1T", "513", "8388607T"]),
+    "uuid": st.sampled_from(GUID_POOL),
+    "attributes": st.integers(min_value=-1, max_value=2**64),
+    "priority": st.integers(min_value=-1, max_value=16),
+    "tries": st.integers(min_value=-1, max_value=16),
+    "successful": st.sampled_from([True, False, 0, 1, 2, 1.0]),
+    "colour": st.just("red"),
+}
+
+
+@st.composite
+def _documents(draw: st.DrawFn) -> dict[str, object]:
+    parts: list[object] = []
+    for _ in range(draw(st.integers(0, 4))):
+        item: dict[str, object] = {}
+        for key, plausible in PLAUSIBLE.items():
+            if key in ("name", "type", "size") and draw(st.integers(0, 9)):
+                item[key] = draw(plausible)  # the required fields, most of the time
+            elif draw(st.integers(0, 3)) == 0:
+                item[key] = draw(plausible | VALUES)
+        parts.append(item if draw(st.integers(0, 9)) else draw(VALUES))
+    doc: dict[str, object] = {"partition": parts if draw(st.integers(0, 9)) else draw(VALUES)}
+    if draw(st.booleans()):
+        head = {"description": "d", "disk_guid": draw(st.sampled_from(GUID_POOL) | VALUES)}
+        doc["layout"] = head if draw(st.integers(0, 5)) else draw(VALUES)
+    if draw(st.integers(0, 9)) == 0:
+        doc[draw(st.text(max_size=4))] = draw(VALUES)
+    return doc
+
+
+SIZES = st.sampled_from([0, 1, 512, 48 * MIB, GIB, 1 << 40, (1 << 63) - 1, 1 << 63]) | st.integers(
+    min_value=-1, max_value=1 << 64
+)
+LAYOUT_EXAMPLES = 600
+
+
+@settings(max_examples=LAYOUT_EXAMPLES, deadline=None)
+@given(_documents(), SIZES)
+def test_any_layout_document_gives_a_plan_or_our_error(doc: dict[str, object], size: int) -> None:
+    try:
+        disk = plan_layout(layout_from_dict(doc, "l.toml"), size)
+    except UpdaterError as err:
+        event(type(err).__name__)
+        assert str(err).startswith("l.toml: ") and "\n" not in str(err), str(err)
+        return
+    event("planned")
+    guids = [p.unique_guid for p in disk.partitions]
+    assert len(set(guids)) == len(guids)
+
+
+TOML_LINES = st.sampled_from(
+    [
+        "[[partition]]",
+        'name = "a"',
+        'name = "b"',
+        'type = "esp"',
+        'size = "1M"',
+        'size = "rest"',
+        f'uuid = "{GUID_POOL[1]}"',
+        "priority = 3",
+        "[layout]",
+        'disk_guid = "x"',
+        "a = [[[",
+        "}",
+    ]
+)
+
+
+@settings(max_examples=LAYOUT_EXAMPLES, deadline=None)
+@given(
+    st.lists(TOML_LINES, max_size=12).map("\n".join) | st.text(max_size=200),
+    st.binary(max_size=8),
+    SIZES,
+)
+def test_any_layout_text_gives_a_plan_or_our_error(text: str, junk: bytes, size: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "l.toml"
+        path.write_bytes(text.encode("utf-8", "surrogatepass") + junk)
+        try:
+            plan_layout(load_layout(path), size)
+        except UpdaterError as err:
+            event(type(err).__name__)
+            assert str(err).startswith(f"{path}: ") and "\n" not in str(err), str(err)
+            return
+        event("planned")

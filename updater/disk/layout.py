@@ -19,8 +19,8 @@ import fcntl
 import os
 import re
 import stat
-import tomllib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,12 @@ from updater.disk.gpt import (
     build_tables,
     device_geometry,
     new_gpt,
+    open_disk,
     write_tables,
 )
 from updater.errors import DeviceError, GPTError, LayoutError
+from updater.fsutil import read_regular
+from updater.textparse import loads_toml
 
 ALIGN = 1024 * 1024
 _BLKRRPART = 0x125F
@@ -67,9 +70,13 @@ TYPE_ALIASES: dict[str, uuid.UUID] = {
 }
 ALIAS_OF = {guid: name for name, guid in TYPE_ALIASES.items()}
 
-_SIZE = re.compile(r"^([1-9][0-9]*)\s*([KMGT])(?:i?B)?$", re.IGNORECASE)
+_SIZE = re.compile(r"([1-9][0-9]*)\s*([KMGT])(?:i?B)?", re.IGNORECASE | re.ASCII)
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _LAYOUT_KEYS = {"name", "description", "disk_guid"}
+# The largest file (or block device) Linux can have: off_t is a signed 64-bit count.
+MAX_SIZE = (1 << 63) - 1
+_OVER_LIMIT = f"over the limit of {MAX_SIZE} bytes (8 EiB), the largest a file or disk can be"
+MAX_LAYOUT_BYTES = 1 << 20  # a layout is a few hundred bytes; refuse reading more
 _KNOWN_KEYS = {"name", "type", "size", "uuid", "attributes", "priority", "tries", "successful"}
 
 
@@ -90,50 +97,78 @@ class Layout:
 
 
 def parse_size(text: str) -> int:
-    """'512M' / '2G' / '64MiB' -> bytes (binary units); ValueError if malformed."""
-    m = _SIZE.match(text.strip())
+    """'512M' / '2G' / '64MiB' -> bytes (binary units); ValueError (one line) if malformed
+    or over `MAX_SIZE`, the largest a file or disk can be."""
+    m = _SIZE.fullmatch(text.strip())
     if not m:
-        raise ValueError(f"bad size {text!r} (want e.g. 512M, 2G or rest)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+        raise ValueError(f"bad size {text[:40]!r} (want e.g. 512M, 2G or rest)")
+    digits = m.group(1)
+    # Bounded before int(): a 5000-digit count is too large, not a conversion error.
+    size = int(digits) * _UNITS[m.group(2).upper()] if len(digits) <= 19 else MAX_SIZE + 1
+    if size > MAX_SIZE:
+        raise ValueError(f"size {text.strip()[:24]!r} is {_OVER_LIMIT}")
+    return size
 
 
 def resolve_type(text: str) -> uuid.UUID:
+    """A type alias or GUID -> the type GUID; ValueError for anything else, including the
+    all-zero GUID, which marks an unused entry."""
     if text.lower() in TYPE_ALIASES:
         return TYPE_ALIASES[text.lower()]
     try:
-        return uuid.UUID(text)
+        guid = uuid.UUID(text)
     except ValueError:
         raise ValueError(
-            f"unknown type {text!r} (a GUID or one of: {', '.join(sorted(TYPE_ALIASES))})"
+            f"unknown type {text[:40]!r} (a GUID or one of: {', '.join(sorted(TYPE_ALIASES))})"
         ) from None
+    if guid.int == 0:
+        raise ValueError("the empty type GUID marks an unused entry, not a partition")
+    return guid
 
 
 def load_layout(path: Path) -> Layout:
     """Read and check a layout file (everything that does not depend on the disk)."""
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = read_regular(path, MAX_LAYOUT_BYTES)
     except OSError as e:
         raise LayoutError(f"{path}: cannot read layout: {e.strerror}") from e
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LayoutError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from e
+    try:
+        doc = loads_toml(text)
+    except ValueError as e:
         raise LayoutError(f"{path}: not valid TOML: {e}") from e
     return layout_from_dict(doc, str(path))
 
 
 def layout_from_dict(doc: dict[str, Any], source: str) -> Layout:
+    """Check a parsed layout document; `source` names it in every error."""
+
     def fail(where: str, why: str) -> LayoutError:
         return LayoutError(f"{source}: {where}: {why}")
+
+    def string(where: str, value: object) -> str:
+        if not isinstance(value, str):
+            raise fail(where, f"must be a string, not {_short(value)}")
+        return value
+
+    def guid(where: str, value: object) -> uuid.UUID:
+        try:
+            return uuid.UUID(string(where, value))
+        except ValueError:
+            raise fail(where, f"not a GUID: {_short(value)}") from None
 
     head = doc.get("layout", {})
     if not isinstance(head, dict):
         raise fail("layout", "must be a table")
     if unknown := (set(doc) - {"layout", "partition"}) or (set(head) - _LAYOUT_KEYS):
         raise fail(sorted(unknown)[0], "unknown field")
-    disk_guid = None
-    if "disk_guid" in head:
-        try:
-            disk_guid = uuid.UUID(str(head["disk_guid"]))
-        except ValueError:
-            raise fail("layout.disk_guid", f"not a GUID: {head['disk_guid']!r}") from None
+    for key in ("name", "description"):
+        if key in head:
+            string(f"layout.{key}", head[key])
+    disk_guid = guid("layout.disk_guid", head["disk_guid"]) if "disk_guid" in head else None
     items = doc.get("partition")
     if not isinstance(items, list) or not items:
         raise fail("partition", "missing: a layout needs at least one [[partition]]")
@@ -145,54 +180,83 @@ def layout_from_dict(doc: dict[str, Any], source: str) -> Layout:
         for key in ("name", "type", "size"):
             if key not in item:
                 raise fail(f"{where}.{key}", "missing")
-        where = f"partition {i} ({item['name']!r})"
+        where = f"partition {i} ({_short(item['name'])})"
         if unknown := set(item) - _KNOWN_KEYS:
             raise fail(f"{where}.{sorted(unknown)[0]}", "unknown field")
-        name = item["name"]
-        if not isinstance(name, str) or not name or len(name.encode("utf-16-le")) > 72:
-            raise fail(f"{where}.name", "must be a non-empty string of at most 36 chars")
+        if (why := _name_problem(item["name"])) is not None:
+            raise fail(f"{where}.name", why)
+        name: str = item["name"]
         if any(s.name == name for s in specs):
             raise fail(f"{where}.name", f"duplicate name {name!r}")
         try:
-            type_guid = resolve_type(str(item["type"]))
+            type_guid = resolve_type(string(f"{where}.type", item["type"]))
         except ValueError as e:
             raise fail(f"{where}.type", str(e)) from None
         size: int | None = None
-        if item["size"] == "rest":
+        if string(f"{where}.size", item["size"]) == "rest":
             if i != len(items):
                 raise fail(f"{where}.size", '"rest" is only allowed for the last partition')
         else:
             try:
-                size = parse_size(str(item["size"]))
+                size = parse_size(item["size"])
             except ValueError as e:
                 raise fail(f"{where}.size", str(e)) from None
-        unique = None
-        if "uuid" in item:
-            try:
-                unique = uuid.UUID(str(item["uuid"]))
-            except ValueError:
-                raise fail(f"{where}.uuid", f"not a GUID: {item['uuid']!r}") from None
-        attrs = item.get("attributes", 0)
-        if not isinstance(attrs, int) or isinstance(attrs, bool) or not 0 <= attrs < 1 << 64:
-            raise fail(f"{where}.attributes", "must be an integer in 0..2^64-1")
-        for key, shift in (("priority", 48), ("tries", 52)):
-            if key in item:
-                v = item[key]
-                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 15:
-                    raise fail(f"{where}.{key}", f"must be an integer 0-15, not {v!r}")
-                attrs = (attrs & ~(0xF << shift)) | (v << shift)
-        if "successful" in item:
-            v = item["successful"]
-            if not isinstance(v, bool) and v not in (0, 1):
-                raise fail(f"{where}.successful", f"must be true/false, not {v!r}")
-            attrs = (attrs & ~(1 << 56)) | (int(v) << 56)
-        specs.append(PartitionSpec(name, type_guid, size, unique, attrs))
+        unique = guid(f"{where}.uuid", item["uuid"]) if "uuid" in item else None
+        # PARTUUIDs tell which slot is booted: two equal ones would name the wrong slot.
+        for n, other in enumerate(specs, 1):
+            if unique is not None and other.unique_guid == unique:
+                raise fail(
+                    f"{where}.uuid", f"{unique} is also the uuid of partition {n} ({other.name!r})"
+                )
+        specs.append(PartitionSpec(name, type_guid, size, unique, _attributes(item, where, fail)))
     return Layout(source, tuple(specs), disk_guid)
+
+
+def _short(value: object) -> str:
+    """A value as an error quotes it: its repr, cut so the message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _name_problem(name: object) -> str | None:
+    """Why `name` cannot be a GPT partition name, or None."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string of at most 36 chars"
+    if "\0" in name:
+        return "must not contain NUL (the GPT ends a name at the first NUL)"
+    try:
+        units = len(name.encode("utf-16-le")) // 2
+    except UnicodeEncodeError:
+        return "must be a non-empty string of at most 36 chars (not a lone surrogate)"
+    if units > 36:
+        return f"must be a non-empty string of at most 36 chars, not {units}"
+    return None
+
+
+def _attributes(item: dict[str, Any], where: str, fail: Callable[[str, str], LayoutError]) -> int:
+    """The 64-bit attribute field: `attributes`, then the boot bits that override it."""
+    attrs = item.get("attributes", 0)
+    if not isinstance(attrs, int) or isinstance(attrs, bool) or not 0 <= attrs < 1 << 64:
+        raise fail(f"{where}.attributes", "must be an integer in 0..2^64-1")
+    for key, shift in (("priority", 48), ("tries", 52)):
+        if key in item:
+            v = item[key]
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 15:
+                raise fail(f"{where}.{key}", f"must be an integer 0-15, not {_short(v)}")
+            attrs = (attrs & ~(0xF << shift)) | (v << shift)
+    if "successful" in item:
+        v = item["successful"]
+        if not isinstance(v, bool) and v not in (0, 1):
+            raise fail(f"{where}.successful", f"must be true/false, not {_short(v)}")
+        attrs = (attrs & ~(1 << 56)) | (int(v) << 56)
+    return attrs
 
 
 def plan_layout(layout: Layout, size_bytes: int, sector_size: int = 512) -> GptDisk:
     """The GPT the layout makes on a disk of `size_bytes` (pure; LayoutError if it
     does not fit)."""
+    if size_bytes > MAX_SIZE:
+        raise LayoutError(f"{layout.source}: target of {size_bytes} bytes: {_OVER_LIMIT}")
     total = size_bytes // sector_size
     try:
         empty = new_gpt(
@@ -299,9 +363,9 @@ def apply_layout(
             raise DeviceError(f"{target}: --size applies to image files, not block devices")
         if (why := _busy_reason(target, st.st_rdev)) is not None:
             raise DeviceError(f"{target}: refusing to repartition: {why}")
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if block else 0)
     try:
-        fd = os.open(target, flags)
+        # Opened non-blocking and checked again on the descriptor: no FIFO swapped in.
+        fd = open_disk(target, os.O_RDWR | (os.O_EXCL if block else 0))
     except OSError as e:
         why = "it is in use" if e.errno == errno.EBUSY else e.strerror
         raise DeviceError(f"{target}: cannot open for writing: {why}") from e
