@@ -9,7 +9,8 @@ Invariants:
   is replaced, the link itself is kept (as `grub-editenv` does), so the file another
   program reads through the link is the file we wrote;
 * `read_regular` never blocks on a FIFO or device and never reads more than its limit:
-  anything that is not a regular file is an `OSError` before a byte is read.
+  anything that is not a regular file is an `OSError` before a byte is read;
+  `open_regular` makes the same check for a caller that streams a large file itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 _KINDS = {
     stat.S_IFDIR: "a directory",
@@ -103,6 +104,31 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -
     fsync_dir(path.parent)
 
 
+def _open_regular_fd(path: Path) -> int:
+    """A descriptor open for reading on `path`, if it is a regular file: opened
+    non-blocking so a FIFO cannot hang the caller in open(2), checked on the descriptor
+    (no race with a rename). EINVAL "not a regular file (a FIFO)" otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = file_kind(st.st_mode)
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """The regular file `path`, open for reading (buffered, binary), for callers that
+    stream it; the same OSErrors as `read_regular` except EFBIG (the caller bounds its
+    reads). A regular file never blocks, so O_NONBLOCK is cleared again."""
+    fd = _open_regular_fd(path)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_regular(path: Path, limit: int) -> bytes:
     """The content of the regular file `path`, at most `limit` bytes.
 
@@ -111,12 +137,8 @@ def read_regular(path: Path, limit: int) -> bytes:
     non-blocking so a FIFO cannot hang the caller - and EFBIG when the file holds more
     than `limit` bytes. Callers map OSError to their own error with `err.strerror`.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    fd = _open_regular_fd(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = file_kind(st.st_mode)
-            raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
         chunks: list[bytes] = []
         size = 0
         while size <= limit:
