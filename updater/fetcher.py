@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib import parse
 
@@ -35,6 +36,8 @@ import requests
 import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
+
+from updater.fsutil import open_regular
 
 _RATE_MARKS = 16  # samples per rate window: the window slides in steps of 1/16th
 
@@ -215,9 +218,9 @@ class RequestsFetcher(FetcherInterface):
     def _fetch_file(url: str, split: parse.SplitResult, offset: int, size: int) -> Iterator[bytes]:
         if split.netloc not in ("", "localhost"):
             raise tuf_exc.DownloadError(f"file URL with a remote host: {url}")
-        path = parse.unquote(split.path)
+        path = Path(parse.unquote(split.path))
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by the generator below
+            f = open_regular(path)  # a FIFO on the medium must not block us in open(2)
         except FileNotFoundError as e:
             # ngclient stops looking for newer root versions on 404; keep that meaning.
             raise tuf_exc.DownloadHTTPError(f"{url}: no such file", 404) from e

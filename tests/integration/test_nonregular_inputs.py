@@ -2,24 +2,25 @@
 with one line and a non-zero exit, never a hang.
 
 Opening a FIFO for reading blocks until a writer appears, so before the fix each of
-these hung forever: the config file, `trusted_root` and `os_release`. Every case is bounded:
+these hung forever: the config file, `trusted_root`, `os_release`, and on a `--from`
+medium (file:// URLs) `metadata/timestamp.json` or a target. Every case is bounded:
 library calls by `tests.bounded.within`, console scripts by a subprocess timeout, and
 `tests.bounded.fifo` releases a stuck reader when the test ends.
 """
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.agentnode import BIN, Node, node
-from tests.bounded import BOUND, fifo, within
+from tests.agentnode import Node, node
+from tests.bounded import fifo, within
+from tests.configedit import edited_config, one_line_error, run_updater
 from tests.reposim import RepositorySimulator, release_custom
 from updater.errors import ConfigError
 from updater.osrelease import image_version
-from updater.repository import Repository
+from updater.repository import DownloadFailed, Repository
 
 __all__ = ["node"]
 
@@ -71,46 +72,58 @@ def test_os_release_that_is_a_fifo(tmp_path: Path) -> None:
     assert image_version(tmp_path / "missing") is None  # absent: the version is unknown
 
 
-# --- through the console script -------------------------------------------------------
-
-
-def updater(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "updater"), *map(str, args)], capture_output=True, text=True, timeout=BOUND
+def test_file_url_metadata_that_is_a_fifo(sim: RepositorySimulator, tmp_path: Path) -> None:
+    usb, root = medium(sim, tmp_path)
+    (usb / "metadata" / "timestamp.json").unlink()
+    repo = file_repository(usb, root, tmp_path)
+    with fifo(usb / "metadata" / "timestamp.json"), pytest.raises(DownloadFailed) as info:
+        within(repo.refresh)
+    assert str(info.value).endswith(
+        f"fetching file://{usb}/metadata/timestamp.json: cannot open "
+        f"file://{usb}/metadata/timestamp.json: not a regular file (a FIFO)"
     )
 
 
-def one_line_error(done: subprocess.CompletedProcess[str], expected: str) -> None:
-    assert done.returncode != 0
-    (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("updater: error: ") and expected in line, line
+def test_file_url_target_that_is_a_fifo(sim: RepositorySimulator, tmp_path: Path) -> None:
+    usb, root = medium(sim, tmp_path)
+    repo = file_repository(usb, root, tmp_path)
+    target = repo.get_targetinfo(PATH)
+    stored = usb / "targets" / sim.stored_target_path(PATH)
+    stored.unlink()
+    with fifo(stored), pytest.raises(DownloadFailed, match=r"not a regular file \(a FIFO\)"):
+        within(lambda: b"".join(repo.stream_target(target, retries=0)))
 
 
-def node_config(node: Node, **replace: str) -> Path:
-    """The node's config file with some `key = value` lines replaced."""
-    node.write_config("A")
-    lines = node.config.read_text().splitlines()
-    for key, value in replace.items():
-        lines = [f'{key} = "{value}"' if line.startswith(f"{key} =") else line for line in lines]
-    node.config.write_text("\n".join(lines) + "\n")
-    return node.config
+# --- through the console script -------------------------------------------------------
 
 
 def test_cli_config_that_is_a_fifo(tmp_path: Path) -> None:
     with fifo(tmp_path / "config.toml") as path:
-        done = updater("--config", path, "status")
+        done = run_updater("--config", path, "status")
     one_line_error(done, f"config {path}: cannot read: not a regular file (a FIFO)")
     assert done.returncode == 2
 
 
 def test_cli_trusted_root_that_is_a_fifo(node: Node, tmp_path: Path) -> None:
     with fifo(tmp_path / "root-fifo.json") as root:
-        done = updater("--config", node_config(node, trusted_root=str(root)), "check")
+        done = run_updater("--config", edited_config(node, trusted_root=str(root)), "check")
     one_line_error(done, f"cannot read trusted root {root}: not a regular file (a FIFO)")
     assert done.returncode == 2
 
 
 def test_cli_os_release_that_is_a_fifo(node: Node, tmp_path: Path) -> None:
     with fifo(tmp_path / "os-release-fifo") as path:
-        done = updater("--config", node_config(node, os_release=str(path)), "status")
+        done = run_updater("--config", edited_config(node, os_release=str(path)), "status")
     one_line_error(done, f"os-release file {path}: not a regular file (a FIFO)")
+
+
+def test_cli_medium_whose_timestamp_is_a_fifo(
+    node: Node, sim: RepositorySimulator, tmp_path: Path
+) -> None:
+    usb, root = medium(sim, tmp_path)
+    (usb / "metadata" / "timestamp.json").unlink()
+    config = edited_config(node, trusted_root=str(root))
+    with fifo(usb / "metadata" / "timestamp.json"):
+        done = run_updater("--config", config, "check", "--from", usb)
+    one_line_error(done, "timestamp.json: not a regular file (a FIFO)")
+    assert done.returncode == 4
