@@ -281,16 +281,24 @@ def sync(
     now: dt.datetime | None = None,
     retries: int = 5,
     backoff: float = 0.5,
+    allow_example_keys: bool = False,
 ) -> SyncResult:
     """Refresh upstream, fetch what is new, publish a new state atomically.
 
-    `retries`/`backoff` are `stream_target`'s in-process resume budget per image."""
+    `retries`/`backoff` are `stream_target`'s in-process resume budget per image;
+    `allow_example_keys` trusts a root naming a key of keys-example/ (demos, tests)."""
     if keep is not None and keep < 1:
         raise ConfigError(f"--keep {keep}: must be at least 1")
     store = MirrorDir(directory)
     store.create()
     with store.locked():
-        repo = repository or Repository(metadata_url, targets_url, trusted_root, store.tuf_cache)
+        repo = repository or Repository(
+            metadata_url,
+            targets_url,
+            trusted_root,
+            store.tuf_cache,
+            allow_example_keys=allow_example_keys,
+        )
         repo.refresh()
         targets = repo.targets()
         metadata = verified_metadata(repo)

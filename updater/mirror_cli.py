@@ -15,7 +15,7 @@ import click
 
 from updater import __version__, mirror
 from updater.cliutil import ErrorHandlingGroup, echo_json
-from updater.mirror_serve import make_server
+from updater.mirror_serve import Limits, make_server
 
 _root_option = click.option(
     "--root",
@@ -23,6 +23,11 @@ _root_option = click.option(
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The trusted root.json (the one the nodes ship).",
+)
+_example_keys_option = click.option(
+    "--allow-example-keys",
+    is_flag=True,
+    help="Trust a root naming a key of keys-example/ (published: demos and tests ONLY).",
 )
 
 
@@ -72,6 +77,7 @@ def _emit(ctx: click.Context, data: dict[str, Any], lines: list[str]) -> None:
 @click.option("--hardware", multiple=True, help="Mirror only this hardware (repeatable).")
 @click.option("--channel", help="Mirror only this channel.")
 @click.option("--keep", type=int, help="Keep the N newest releases per hardware/role.")
+@_example_keys_option
 @click.pass_context
 def sync(
     ctx: click.Context,
@@ -82,6 +88,7 @@ def sync(
     hardware: tuple[str, ...],
     channel: str | None,
     keep: int | None,
+    allow_example_keys: bool,
 ) -> None:
     """Verify upstream as a node would and publish what is new, atomically."""
     result = mirror.sync(
@@ -92,6 +99,7 @@ def sync(
         hardware=hardware,
         channel=channel,
         keep=keep,
+        allow_example_keys=allow_example_keys,
     )
     lines = [
         f"published state {result.state} in {directory}: "
@@ -115,10 +123,13 @@ def sync(
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @_root_option
+@_example_keys_option
 @click.pass_context
-def verify(ctx: click.Context, directory: Path, trusted_root: Path) -> None:
+def verify(
+    ctx: click.Context, directory: Path, trusted_root: Path, allow_example_keys: bool
+) -> None:
     """Verify the served state from TRUSTED root, as a node would (metadata and images)."""
-    data = mirror.verify(directory, trusted_root)
+    data = mirror.verify(directory, trusted_root, allow_example_keys=allow_example_keys)
     lines = [
         f"state {data['state']} verifies: {data['images_verified']} image(s)",
         "releases:",
@@ -167,13 +178,40 @@ def export(
     _emit(ctx, data, lines)
 
 
+_SECONDS = click.FloatRange(min=0, min_open=True)
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
-def serve(directory: Path, bind: str) -> None:
+@click.option(
+    "--header-timeout",
+    type=_SECONDS,
+    default=Limits.header_timeout,
+    show_default=True,
+    help="Seconds a client has to send a request line and its headers, in total.",
+)
+@click.option(
+    "--idle-timeout",
+    type=_SECONDS,
+    default=Limits.idle_timeout,
+    show_default=True,
+    help="Seconds a connection may stay silent (reading or writing) before it is closed.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=Limits.workers,
+    show_default=True,
+    help="Connections served at once; more wait in the listen backlog.",
+)
+def serve(
+    directory: Path, bind: str, header_timeout: float, idle_timeout: float, workers: int
+) -> None:
     """Serve DIRECTORY's current state over HTTP (Range requests, many clients)."""
     logging.basicConfig(level=logging.WARNING)
-    server = make_server(directory, bind)
+    limits = Limits(idle_timeout=idle_timeout, header_timeout=header_timeout, workers=workers)
+    server = make_server(directory, bind, limits)
     click.echo(f"serving {directory} on {server.url}", err=False)
     try:
         server.serve_forever()

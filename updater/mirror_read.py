@@ -69,15 +69,22 @@ def expiry(files: Mapping[str, Path], now: dt.datetime | None = None) -> dict[st
     return report
 
 
-def verify(directory: Path, trusted_root: Path) -> dict[str, Any]:
+def verify(
+    directory: Path, trusted_root: Path, *, allow_example_keys: bool = False
+) -> dict[str, Any]:
     """Verify the served state as a node would: a fresh ngclient over file:// from
-    `trusted_root`, then every image the state serves against the trusted metadata."""
+    `trusted_root`, then every image the state serves against the trusted metadata.
+    `allow_example_keys` trusts a root naming a key of keys-example/ (demos, tests)."""
     store = MirrorDir(directory)
     state = store.current()
     manifest = store.manifest(int(state.name))
     with tempfile.TemporaryDirectory(prefix="update-mirror-verify-") as cache:
         repo = Repository(
-            f"file://{state}/metadata", f"file://{state}/targets", trusted_root, Path(cache)
+            f"file://{state}/metadata",
+            f"file://{state}/targets",
+            trusted_root,
+            Path(cache),
+            allow_example_keys=allow_example_keys,
         )
         repo.refresh()
         targets = repo.targets()

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,8 +71,11 @@ def upstream(tmp_path: Path) -> Iterator[Upstream]:
         yield Upstream(repo, server, tmp_path)
 
 
-def do_sync(up: Upstream, mdir: Path, **kw: object) -> mirror.SyncResult:
-    return mirror.sync(up.meta, up.targets, mdir, ROOT_JSON, backoff=0.0, **kw)  # type: ignore[arg-type]
+def do_sync(up: Upstream, mdir: Path, **kw: Any) -> mirror.SyncResult:
+    # The example keys sign every test repository, so the mirror must be told to trust them.
+    return mirror.sync(
+        up.meta, up.targets, mdir, ROOT_JSON, backoff=0.0, allow_example_keys=True, **kw
+    )
 
 
 def served(mdir: Path) -> dict[str, str]:
@@ -97,7 +101,7 @@ def test_sync_publishes_verified_metadata_and_images(upstream: Upstream, tmp_pat
     # Images are stored once and hard-linked into the state.
     obj = next((mdir / "objects").glob("[0-9a-f]*"))
     assert obj.stat().st_nlink == 2
-    report = mirror.verify(mdir, ROOT_JSON)
+    report = mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)
     assert report["images_verified"] == 1
     assert set(report["expiry"]) == {"root", "snapshot", "targets", "timestamp"}
     assert 0 < report["expiry"]["timestamp"]["days_left"] <= 1
@@ -114,7 +118,7 @@ def test_second_sync_downloads_only_the_new_image(upstream: Upstream, tmp_path: 
     assert len(upstream.server.requests_for(old_url)) == 1
     assert len(upstream.server.requests_for(upstream.url_path(new_paths[0]))) == 1
     assert [r["version"] for r in second.releases] == ["1.0.0", "1.1.0"]
-    assert mirror.verify(mdir, ROOT_JSON)["images_verified"] == 2
+    assert mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)["images_verified"] == 2
 
 
 def test_cut_connection_is_resumed_with_range(upstream: Upstream, tmp_path: Path) -> None:
@@ -126,7 +130,7 @@ def test_cut_connection_is_resumed_with_range(upstream: Upstream, tmp_path: Path
     assert new[0] in result.downloaded
     ranges = [r.range for r in upstream.server.requests_for(url)]
     assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
-    mirror.verify(tmp_path / "mirror", ROOT_JSON)
+    mirror.verify(tmp_path / "mirror", ROOT_JSON, allow_example_keys=True)
 
 
 def test_interrupted_sync_keeps_old_state_and_next_sync_completes(
@@ -144,7 +148,7 @@ def test_interrupted_sync_keeps_old_state_and_next_sync_completes(
     upstream.server._faults.clear()
     result = do_sync(upstream, mdir)
     assert result.downloaded == new and result.state == 2
-    mirror.verify(mdir, ROOT_JSON)
+    mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)
 
 
 def test_tampered_image_is_refused_and_old_state_served(upstream: Upstream, tmp_path: Path) -> None:
@@ -158,11 +162,19 @@ def test_tampered_image_is_refused_and_old_state_served(upstream: Upstream, tmp_
     assert served(mdir) == before
     assert not any(p.name.startswith(new[0].split("/")[-1]) for p in (mdir / "objects").iterdir())
     # Through the CLI: one line, exit code 3, and the mirror still verifies.
-    done = cli("sync", upstream.meta, upstream.targets, str(mdir), "--root", str(ROOT_JSON))
+    done = cli(
+        "sync",
+        upstream.meta,
+        upstream.targets,
+        str(mdir),
+        "--root",
+        str(ROOT_JSON),
+        "--allow-example-keys",
+    )
     assert done.returncode == 3 and done.stderr.count("\n") == 1
     assert done.stderr.startswith("update-mirror: error: ") and "mismatch" in done.stderr
     assert served(mdir) == before
-    mirror.verify(mdir, ROOT_JSON)
+    mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)
 
 
 def test_rolled_back_timestamp_is_refused(upstream: Upstream, tmp_path: Path) -> None:
@@ -185,7 +197,15 @@ def test_bad_signature_is_refused(upstream: Upstream, tmp_path: Path) -> None:
     doc = json.loads((upstream.repo / "metadata" / "timestamp.json").read_text())
     doc["signed"]["version"] += 1  # signature no longer matches
     upstream.server.files["/metadata/timestamp.json"] = json.dumps(doc).encode()
-    done = cli("sync", upstream.meta, upstream.targets, str(mdir), "--root", str(ROOT_JSON))
+    done = cli(
+        "sync",
+        upstream.meta,
+        upstream.targets,
+        str(mdir),
+        "--root",
+        str(ROOT_JSON),
+        "--allow-example-keys",
+    )
     assert done.returncode == 3, done.stderr
     assert "timestamp.json rejected: UnsignedMetadataError" in done.stderr
     assert done.stderr.count("\n") == 1
@@ -203,6 +223,7 @@ def test_expired_upstream_is_refused(tmp_path: Path) -> None:
             str(tmp_path / "mirror"),
             "--root",
             str(ROOT_JSON),
+            "--allow-example-keys",
         )
     assert done.returncode == 3 and "ExpiredMetadataError" in done.stderr
     assert not (tmp_path / "mirror" / "current").exists()
@@ -228,7 +249,7 @@ def test_keep_prunes_old_releases_after_one_sync_of_grace(
     assert len(list((mdir / "current" / "targets").rglob("*.zst"))) == 2
     assert len(list((mdir / "objects").glob("[0-9a-f]*"))) == 2
     assert sorted(p.name for p in (mdir / "states").iterdir()) == ["4", "5"]
-    mirror.verify(mdir, ROOT_JSON)
+    mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)
 
 
 def test_hardware_and_channel_filter(upstream: Upstream, tmp_path: Path) -> None:
@@ -240,10 +261,18 @@ def test_hardware_and_channel_filter(upstream: Upstream, tmp_path: Path) -> None
 
 def test_cli_status_and_verify_show_days_left(upstream: Upstream, tmp_path: Path) -> None:
     mdir = tmp_path / "mirror"
-    done = cli("sync", upstream.meta, upstream.targets, str(mdir), "--root", str(ROOT_JSON))
+    done = cli(
+        "sync",
+        upstream.meta,
+        upstream.targets,
+        str(mdir),
+        "--root",
+        str(ROOT_JSON),
+        "--allow-example-keys",
+    )
     assert done.returncode == 0, done.stderr
     assert "published state 1" in done.stdout and "days left" in done.stdout
-    verify = cli("verify", str(mdir), "--root", str(ROOT_JSON))
+    verify = cli("verify", str(mdir), "--root", str(ROOT_JSON), "--allow-example-keys")
     assert verify.returncode == 0, verify.stderr
     assert "state 1 verifies: 1 image(s)" in verify.stdout
     for role in ("root", "targets", "snapshot", "timestamp"):
@@ -262,12 +291,24 @@ def test_verify_detects_a_damaged_image_in_the_mirror(upstream: Upstream, tmp_pa
     data = bytearray(obj.read_bytes())
     data[10] ^= 1
     obj.write_bytes(bytes(data))
-    done = cli("verify", str(mdir), "--root", str(ROOT_JSON))
+    done = cli("verify", str(mdir), "--root", str(ROOT_JSON), "--allow-example-keys")
     assert done.returncode == 3 and "mismatch" in done.stderr and done.stderr.count("\n") == 1
 
 
+def test_example_keys_are_refused_without_the_flag(upstream: Upstream, tmp_path: Path) -> None:
+    mdir = tmp_path / "mirror"
+    done = cli("sync", upstream.meta, upstream.targets, str(mdir), "--root", str(ROOT_JSON))
+    assert done.returncode == 3 and "names the example key" in done.stderr
+    assert done.stderr.count("\n") == 1 and not (mdir / "current").exists()
+    do_sync(upstream, mdir)
+    done = cli("verify", str(mdir), "--root", str(ROOT_JSON))
+    assert done.returncode == 3 and "names the example key" in done.stderr
+
+
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
-    done = cli("verify", str(tmp_path / "nothing"), "--root", str(ROOT_JSON))
+    done = cli(
+        "verify", str(tmp_path / "nothing"), "--root", str(ROOT_JSON), "--allow-example-keys"
+    )
     assert done.returncode == 3 and "holds no synced state" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     done = cli(
@@ -277,6 +318,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         str(tmp_path / "m"),
         "--root",
         str(ROOT_JSON),
+        "--allow-example-keys",
         "--keep",
         "0",
     )
@@ -292,7 +334,9 @@ def test_sync_from_a_usb_disk_carried_in(upstream: Upstream, tmp_path: Path) -> 
     usb = tmp_path / "usb"
     mirror.export(outer, usb)
     inner = tmp_path / "inner"
-    result = mirror.sync(f"file://{usb}/metadata", f"file://{usb}/targets", inner, ROOT_JSON)
+    result = mirror.sync(
+        f"file://{usb}/metadata", f"file://{usb}/targets", inner, ROOT_JSON, allow_example_keys=True
+    )
     assert len(result.downloaded) == 1
     assert served(inner)["metadata/timestamp.json"] == served(outer)["metadata/timestamp.json"]
     # A tampered image on the disk is refused like a tampered download.
@@ -302,6 +346,10 @@ def test_sync_from_a_usb_disk_carried_in(upstream: Upstream, tmp_path: Path) -> 
     image.write_bytes(bytes(data))
     with pytest.raises(TargetRejected, match="mismatch"):
         mirror.sync(
-            f"file://{usb}/metadata", f"file://{usb}/targets", tmp_path / "third", ROOT_JSON
+            f"file://{usb}/metadata",
+            f"file://{usb}/targets",
+            tmp_path / "third",
+            ROOT_JSON,
+            allow_example_keys=True,
         )
     assert not (tmp_path / "third" / "current").exists()

@@ -117,7 +117,16 @@ def hostile(tmp_path: Path) -> Iterator[tuple[HTTPTestServer, dict[str, TargetFi
 def sync_cli(server: HTTPTestServer, mdir: Path, *options: str) -> subprocess.CompletedProcess[str]:
     up = [f"{server.url}/metadata", f"{server.url}/targets"]
     return subprocess.run(
-        [str(BIN / "update-mirror"), *options, "sync", *up, str(mdir), "--root", str(ROOT_JSON)],
+        [
+            str(BIN / "update-mirror"),
+            *options,
+            "sync",
+            *up,
+            str(mdir),
+            "--root",
+            str(ROOT_JSON),
+            "--allow-example-keys",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -155,7 +164,7 @@ def test_sync_and_export_never_write_outside_for_unsafe_signed_paths(
     assert [r["version"] for r in report["releases"]] == ["1.0.0"]
     assert pwned(tmp_path) == []
     assert sorted(p.name for p in (tmp_path / "usb").iterdir()) == ["dest"]
-    mirror.verify(mdir, ROOT_JSON)
+    mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)
 
 
 def _synced(tmp_path: Path) -> tuple[Path, HTTPTestServer]:
@@ -163,7 +172,14 @@ def _synced(tmp_path: Path) -> tuple[Path, HTTPTestServer]:
     repo = make_repo(tmp_path / "upstream", [ImageSpec(img, "1.0.0")])
     server = HTTPTestServer(repo).start()
     mdir = tmp_path / "mirror"
-    mirror.sync(f"{server.url}/metadata", f"{server.url}/targets", mdir, ROOT_JSON, backoff=0.0)
+    mirror.sync(
+        f"{server.url}/metadata",
+        f"{server.url}/targets",
+        mdir,
+        ROOT_JSON,
+        backoff=0.0,
+        allow_example_keys=True,
+    )
     return mdir, server
 
 
@@ -187,7 +203,12 @@ def test_publish_refuses_a_previous_manifest_link_that_climbs_out(tmp_path: Path
         _edit_manifest(mdir, climb)
         with pytest.raises(MirrorRejected, match=r"manifests/1\.json.*targets.*'\.\.'"):
             mirror.sync(
-                f"{server.url}/metadata", f"{server.url}/targets", mdir, ROOT_JSON, backoff=0.0
+                f"{server.url}/metadata",
+                f"{server.url}/targets",
+                mdir,
+                ROOT_JSON,
+                backoff=0.0,
+                allow_example_keys=True,
             )
     finally:
         server.stop()
@@ -246,7 +267,12 @@ def test_a_bit_flipped_object_is_downloaded_again_not_republished(tmp_path: Path
         data[len(data) // 2] ^= 0x10  # same size, different content
         obj.write_bytes(bytes(data))
         result = mirror.sync(
-            f"{server.url}/metadata", f"{server.url}/targets", mdir, ROOT_JSON, backoff=0.0
+            f"{server.url}/metadata",
+            f"{server.url}/targets",
+            mdir,
+            ROOT_JSON,
+            backoff=0.0,
+            allow_example_keys=True,
         )
     finally:
         server.stop()
@@ -254,4 +280,4 @@ def test_a_bit_flipped_object_is_downloaded_again_not_republished(tmp_path: Path
     assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.name  # replaced
     (served,) = (mdir / "current" / "targets").rglob("*.zst")
     assert hashlib.sha256(served.read_bytes()).hexdigest() == obj.name
-    mirror.verify(mdir, ROOT_JSON)
+    mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)

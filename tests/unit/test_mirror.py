@@ -17,7 +17,7 @@ from tests.signing_helpers import ImageSpec, make_repo, write_image
 from updater.errors import ConfigError
 from updater.mirror import expiry, metadata_files, plan_targets
 from updater.mirror_cli import cli
-from updater.mirror_serve import byte_range, parse_bind
+from updater.mirror_serve import Limits, byte_range, make_server, parse_bind
 from updater.mirror_store import MirrorDir, MirrorError
 from updater.repository import TargetRejected
 
@@ -126,10 +126,25 @@ def test_wanted_needs_a_sha256() -> None:
         ("bytes=0-1,5-6", None),
         ("items=1-2", None),
         ("bytes=-", None),
+        # Numbers are never parsed unbounded: past 18 digits a position is beyond any file.
+        ("bytes=" + "9" * 5000 + "-", False),
+        ("bytes=0-" + "9" * 5000, (0, 100)),
+        ("bytes=-" + "9" * 5000, (0, 100)),
+        ("bytes=" + "0" * 5000 + "5-9", (5, 10)),
     ],
 )
 def test_byte_range(header: str | None, expected: object) -> None:
     assert byte_range(header, 100) == expected
+
+
+def test_serve_limits_are_checked(tmp_path: Path) -> None:
+    for limits, option in (
+        (Limits(header_timeout=0), "--header-timeout"),
+        (Limits(idle_timeout=-1), "--idle-timeout"),
+        (Limits(workers=0), "--workers 0"),
+    ):
+        with pytest.raises(ConfigError, match=option):
+            make_server(tmp_path, "127.0.0.1:0", limits)
 
 
 def test_parse_bind() -> None:

@@ -36,7 +36,13 @@ def fill(tmp: Path) -> tuple[Path, Path]:
     """(upstream repository, mirror directory synced from it over file://)."""
     repo = make_repo(tmp / "upstream", [ImageSpec(write_image(tmp / "img", 20_000), "1.0.0")])
     mdir = tmp / "mirror"
-    mirror.sync(f"file://{repo}/metadata", f"file://{repo}/targets", mdir, ROOT_JSON)
+    mirror.sync(
+        f"file://{repo}/metadata",
+        f"file://{repo}/targets",
+        mdir,
+        ROOT_JSON,
+        allow_example_keys=True,
+    )
     return repo, mdir
 
 
@@ -110,8 +116,8 @@ def commands(repo: Path, mdir: Path, dest: Path) -> dict[str, list[str]]:
     return {
         "status": ["status", str(mdir)],
         "export": ["export", str(mdir), str(dest)],
-        "verify": ["verify", str(mdir), "--root", str(ROOT_JSON)],
-        "sync": ["sync", *up, str(mdir), "--root", str(ROOT_JSON)],
+        "verify": ["verify", str(mdir), "--root", str(ROOT_JSON), "--allow-example-keys"],
+        "sync": ["sync", *up, str(mdir), "--root", str(ROOT_JSON), "--allow-example-keys"],
     }
 
 
