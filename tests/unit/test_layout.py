@@ -4,6 +4,8 @@ disks; writing them to disks is in tests/integration/)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import tempfile
 import uuid
 from pathlib import Path
@@ -275,42 +277,70 @@ VALUES = st.recursive(
     ),
     max_leaves=8,
 )
-GUID_POOL = [str(uuid.UUID(int=n)) for n in range(3)] + [f"{{{uuid.UUID(int=1)}}}", "nope"]
-PLAUSIBLE = {
-    "name": st.sampled_from(["a", "b", "root_a", "n" * 36, "n" * 37, "a\0", "\udc80"]),
-    "type": st.sampled_from([*TYPE_ALIASES, str(uuid.UUID(int=0)), GUID_POOL[1], "ESP", "x"]),
-    "size": st.sampled_from(["1M", "4k", "rest", "47M", "3G", "1T", "513", "8388607T"]),
+GUID_POOL = [str(uuid.UUID(int=n)) for n in range(1, 4)] + [f"{{{uuid.UUID(int=1)}}}"]
+# Per field: values that are right, and values that are wrong in the ways people get
+# them wrong; `_field` mixes them with arbitrary values.
+RIGHT_VALUES: dict[str, st.SearchStrategy[object]] = {
+    "name": st.sampled_from(["a", "b", "root_a", "n" * 36, "ü"]),
+    "type": st.sampled_from([*TYPE_ALIASES, GUID_POOL[1], "ESP"]),
+    "size": st.sampled_from(["1M", "4k", "2MiB", "7M", "rest"]),
     "uuid": st.sampled_from(GUID_POOL),
-    "attributes": st.integers(min_value=-1, max_value=2**64),
-    "priority": st.integers(min_value=-1, max_value=16),
-    "tries": st.integers(min_value=-1, max_value=16),
-    "successful": st.sampled_from([True, False, 0, 1, 2, 1.0]),
-    "colour": st.just("red"),
+    "attributes": st.integers(min_value=0, max_value=2**64 - 1),
+    "priority": st.integers(min_value=0, max_value=15),
+    "tries": st.integers(min_value=0, max_value=15),
+    "successful": st.sampled_from([True, False, 0, 1]),
 }
+WRONG_VALUES: dict[str, st.SearchStrategy[object]] = {
+    "name": st.sampled_from(["", "n" * 37, "a\0", "\udc80", "\u0000"]),
+    "type": st.sampled_from([str(uuid.UUID(int=0)), "x", "root-sparc"]),
+    "size": st.sampled_from(["0M", "513", "8388608T", "9" * 30 + "K", "1.5G", "3G"]),
+    "uuid": st.sampled_from(["nope", "", str(uuid.UUID(int=0))[:-1]]),
+    "attributes": st.sampled_from([-1, 2**64, True]),
+    "priority": st.sampled_from([-1, 16, True, 1.0]),
+    "tries": st.sampled_from([-1, 16, False]),
+    "successful": st.sampled_from([2, -1, "yes", 0.5]),
+}
+
+
+def _rare(draw: st.DrawFn, one_in: int = 20) -> bool:
+    # A middle value, not 0: hypothesis draws the ends of a range more often.
+    return bool(draw(st.integers(0, one_in - 1)) == one_in // 2)
+
+
+@st.composite
+def _field(draw: st.DrawFn, key: str) -> object:
+    if _rare(draw):
+        return draw(VALUES)
+    return draw(WRONG_VALUES[key] if _rare(draw, 16) else RIGHT_VALUES[key])
 
 
 @st.composite
 def _documents(draw: st.DrawFn) -> dict[str, object]:
     parts: list[object] = []
-    for _ in range(draw(st.integers(0, 4))):
+    for n in range(draw(st.integers(1, 4)) if not _rare(draw) else 0):
         item: dict[str, object] = {}
-        for key, plausible in PLAUSIBLE.items():
-            if key in ("name", "type", "size") and draw(st.integers(0, 9)):
-                item[key] = draw(plausible)  # the required fields, most of the time
-            elif draw(st.integers(0, 3)) == 0:
-                item[key] = draw(plausible | VALUES)
-        parts.append(item if draw(st.integers(0, 9)) else draw(VALUES))
-    doc: dict[str, object] = {"partition": parts if draw(st.integers(0, 9)) else draw(VALUES)}
+        for key in RIGHT_VALUES:
+            if key in ("name", "type", "size"):
+                if not _rare(draw):
+                    item[key] = f"p{n}" if key == "name" and _rare(draw, 2) else draw(_field(key))
+            elif _rare(draw, 4):
+                item[key] = draw(_field(key))
+        if _rare(draw):
+            item["colour"] = "red"
+        parts.append(draw(VALUES) if _rare(draw) else item)
+    doc: dict[str, object] = {"partition": draw(VALUES) if _rare(draw) else parts}
     if draw(st.booleans()):
-        head = {"description": "d", "disk_guid": draw(st.sampled_from(GUID_POOL) | VALUES)}
-        doc["layout"] = head if draw(st.integers(0, 5)) else draw(VALUES)
-    if draw(st.integers(0, 9)) == 0:
+        head = {"description": "d", "disk_guid": draw(_field("uuid"))}
+        doc["layout"] = draw(VALUES) if _rare(draw, 10) else head
+    if _rare(draw):
         doc[draw(st.text(max_size=4))] = draw(VALUES)
     return doc
 
 
-SIZES = st.sampled_from([0, 1, 512, 48 * MIB, GIB, 1 << 40, (1 << 63) - 1, 1 << 63]) | st.integers(
-    min_value=-1, max_value=1 << 64
+SIZES = (
+    st.sampled_from([48 * MIB, GIB])
+    | st.sampled_from([0, 1, 512, 1 << 40, (1 << 63) - 1, 1 << 63])
+    | st.integers(min_value=-1, max_value=1 << 64)
 )
 LAYOUT_EXAMPLES = 600
 
@@ -329,30 +359,74 @@ def test_any_layout_document_gives_a_plan_or_our_error(doc: dict[str, object], s
     assert len(set(guids)) == len(guids)
 
 
-TOML_LINES = st.sampled_from(
-    [
-        "[[partition]]",
-        'name = "a"',
-        'name = "b"',
-        'type = "esp"',
-        'size = "1M"',
-        'size = "rest"',
-        f'uuid = "{GUID_POOL[1]}"',
-        "priority = 3",
-        "[layout]",
-        'disk_guid = "x"',
-        "a = [[[",
-        "}",
+def _toml(value: object) -> str:
+    """`value` as a TOML value (inline), for the text property below."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return (
+            "nan"
+            if value != value
+            else ("inf" if value > 0 else "-inf")
+            if abs(value) == float("inf")
+            else repr(value)
+        )
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+
+
+def _render(doc: dict[str, object]) -> list[str]:
+    """A layout document as the lines of a TOML file."""
+    lines = [
+        f"{json.dumps(k)} = {_toml(v)}" for k, v in doc.items() if k not in ("layout", "partition")
     ]
-)
+    head, parts = doc.get("layout"), doc.get("partition")
+    if isinstance(head, dict):
+        lines += ["[layout]", *(f"{json.dumps(k)} = {_toml(v)}" for k, v in head.items())]
+    elif head is not None:
+        lines.insert(0, f"layout = {_toml(head)}")
+    if isinstance(parts, list) and all(isinstance(p, dict) for p in parts):
+        for part in parts:
+            assert isinstance(part, dict)
+            lines += ["[[partition]]", *(f"{json.dumps(k)} = {_toml(v)}" for k, v in part.items())]
+    elif parts is not None:
+        lines.insert(0, f"partition = {_toml(parts)}")
+    return lines
+
+
+@st.composite
+def _layout_texts(draw: st.DrawFn) -> str:
+    """Rendered documents with a line dropped, repeated or replaced now and then, and
+    arbitrary text."""
+    if _rare(draw, 5):
+        return draw(st.text(max_size=200))
+    lines = _render(draw(_documents()))
+    for _ in range(1 if _rare(draw, 3) else 0):
+        if not lines:
+            break
+        i = draw(st.integers(0, len(lines) - 1))
+        op = draw(st.sampled_from(["drop", "repeat", "replace"]))
+        if op == "drop":
+            del lines[i]
+        elif op == "repeat":
+            lines.insert(i, lines[i])
+        else:
+            lines[i] = draw(
+                st.sampled_from(["a = [[[", "}", "[[partition]", "x", "= 1"]) | st.text(max_size=20)
+            )
+    return "\n".join(lines) + "\n"
 
 
 @settings(max_examples=LAYOUT_EXAMPLES, deadline=None)
-@given(
-    st.lists(TOML_LINES, max_size=12).map("\n".join) | st.text(max_size=200),
-    st.binary(max_size=8),
-    SIZES,
-)
+@given(_layout_texts(), st.binary(max_size=4), SIZES)
 def test_any_layout_text_gives_a_plan_or_our_error(text: str, junk: bytes, size: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "l.toml"
