@@ -137,9 +137,9 @@ def _vm_hwm_mib() -> float:
 
 def install_child() -> dict[str, Any]:
     """The measured part: runs in its own process (see `--child`); spec on stdin."""
-    from updater import release
+    from core import release
+    from core.repository import Repository
     from updater.install import SlotGuard, write_image
-    from updater.repository import Repository
     from updater.slots import PartitionTarget
 
     spec = json.loads(sys.stdin.readline())  # waits until the parent has built everything

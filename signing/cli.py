@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import click
 
+from core import __version__
+from core.cli import ErrorHandlingGroup, echo_json
 from signing import create
 from signing import repository as repo_ops
 from signing.compress import COMPRESSIONS
@@ -37,8 +39,6 @@ from signing.keys import (
 from signing.roles import ALLOW_EXAMPLE_KEYS_ENV
 from signing.status import format_status, repository_status
 from signing.store import ROLES
-from updater import __version__
-from updater.cliutil import ErrorHandlingGroup, echo_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 PathArg = click.Path(path_type=Path)

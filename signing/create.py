@@ -17,6 +17,7 @@ from securesystemslib.signer import Key  # type: ignore[attr-defined]
 from tuf.api.metadata import Metadata, Root, Targets  # type: ignore[attr-defined]
 from tuf.api.serialization import DeserializationError
 
+from core.fsutil import atomic_write, makedirs_durable
 from signing.errors import RepositoryIOError, RepositoryStateError, SigningError, ThresholdError
 from signing.keys import Secrets
 from signing.roles import (
@@ -27,7 +28,6 @@ from signing.roles import (
     sign_all,
 )
 from signing.store import CONFIG_FILE, DEFAULT_EXPIRY_DAYS, ROLES, expiry, role_keys, to_bytes
-from updater.fsutil import atomic_write, makedirs_durable
 
 
 def init_repository(

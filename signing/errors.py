@@ -1,6 +1,6 @@
 """Errors of the release signing tools (`sign-release`).
 
-Each is an `updater.errors` class, so the CLI's ErrorHandlingGroup prints one line
+Each is an `core.errors` class, so the CLI's ErrorHandlingGroup prints one line
 (`sign-release: error: ...`) and exits with the class's code. Bad input (a key, an
 option, an image, a repository that is not one) is a `SigningError` (exit 2); a
 repository that does not verify as a node would see it is a `VerificationError`
@@ -9,7 +9,7 @@ repository that does not verify as a node would see it is a `VerificationError`
 
 from __future__ import annotations
 
-from updater.errors import ConfigError, UpdateFailed, UpdateRejected
+from core.errors import ConfigError, UpdateFailed, UpdateRejected
 
 
 class SigningError(ConfigError):

@@ -40,8 +40,8 @@ from securesystemslib.signer import (  # type: ignore[attr-defined]
     SSlibKey,
 )
 
+from core.fsutil import atomic_write, makedirs_durable
 from signing.errors import KeyFileError
-from updater.fsutil import atomic_write, makedirs_durable
 
 KEY_TYPES = ("ed25519", "ecdsa-p256", "rsa-3072")
 PASSPHRASE_ENV = "SIGN_RELEASE_PASSPHRASE"

@@ -4,9 +4,9 @@
 Each operation validates everything first - keys, roles, thresholds, versions, expiry,
 the image - and only then writes; so bad input leaves the repository as it was. A
 release is refused unless a node would install it (the node's own rules, in
-`updater.release`). The INSECURE keys of keys-example/ sign, or are added to a root,
+`core.release`). The INSECURE keys of keys-example/ sign, or are added to a root,
 only with `allow_example_keys=True` (demos and tests; `signing.roles`). Writes are
-atomic file by file (`updater.fsutil`); `publish` writes versioned files first and
+atomic file by file (`core.fsutil`); `publish` writes versioned files first and
 `timestamp.json` last, so a node sees either the old or the new repository; a publish
 killed half-way is completed by the next command (`signing.store`).
 
@@ -37,6 +37,8 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
     Timestamp,
 )
 
+from core.fsutil import fsync_dir, makedirs_durable, temp_file
+from core.release import VersionError, check_role, check_target_path, parse_version
 from signing.compress import COMPRESSIONS, SUFFIX, compress_stream
 from signing.errors import (
     RepositoryIOError,
@@ -66,8 +68,6 @@ from signing.store import (
     threshold_of,
     to_bytes,
 )
-from updater.fsutil import fsync_dir, makedirs_durable, temp_file
-from updater.release import VersionError, check_role, check_target_path, parse_version
 
 # Hardware and channel names: they become directory names of target paths.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -88,7 +88,7 @@ class Release:
 
     def validate(self) -> None:
         """Refuse anything a node would not install, by the node's own rules
-        (`updater.release`): version, role, target paths, a non-empty image."""
+        (`core.release`): version, role, target paths, a non-empty image."""
         try:
             parse_version(self.version)
         except VersionError as e:

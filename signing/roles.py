@@ -4,7 +4,7 @@ Invariants: a signer is only ever built for a key the role accepts in the root t
 will be in force (for a new root: its own keys or the previous root's); thresholds
 are counted by python-tuf (`get_verification_result` / `get_root_verification_result`),
 never by hand; no signer is returned for an INSECURE example key of keys-example/
-(recognised by its public key value, `updater.examplekeys`) unless the caller says this
+(recognised by its public key value, `core.examplekeys`) unless the caller says this
 is a demo or test (`allow_example_keys`).
 """
 
@@ -17,10 +17,10 @@ from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
 
+from core.examplekeys import WHY, example_key_name
 from signing.errors import ExampleKeyError, KeyFileError, SigningError, ThresholdError
 from signing.keys import Secrets, is_key_uri, load_signer
 from signing.store import OFFLINE_ROLES, Store, role_keys, threshold_of
-from updater.examplekeys import WHY, example_key_name
 
 ALLOW_EXAMPLE_KEYS_ENV = "SIGN_RELEASE_ALLOW_EXAMPLE_KEYS"
 

@@ -10,7 +10,7 @@ Layout (consistent snapshots, as TUF specifies them):
 
 Invariants: published files are never rewritten (a new version is a new file) except
 `timestamp.json` and the convenience `root.json`, which are replaced atomically;
-every write is temp file + fsync + rename + directory fsync (`updater.fsutil`); a
+every write is temp file + fsync + rename + directory fsync (`core.fsutil`); a
 `Store` holds an exclusive lock on the repository directory for its lifetime, so two
 `sign-release` runs never interleave their writes.
 
@@ -41,9 +41,9 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp  # typ
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from core.fsutil import atomic_write, fsync_dir, makedirs_durable, read_regular
 from signing.errors import RepositoryIOError, RepositoryStateError
 from signing.failpoints import failpoint, then_failpoint
-from updater.fsutil import atomic_write, fsync_dir, makedirs_durable, read_regular
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 OFFLINE_ROLES = ("root", "targets")  # staged and signed by release managers

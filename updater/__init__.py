@@ -1,7 +1,9 @@
-"""ab-updater: the node agent of an image-based A/B updater for immutable Linux nodes.
+"""`updater`: the node agent of ab-updater, an image-based A/B updater for immutable nodes.
 
-The package is a library first; `updater.cli` is a thin click layer over it. Library
-code raises the exceptions of `updater.errors` and never prints or exits.
+A library first; `updater.cli` is a thin click layer over it. Library code raises the
+exceptions of `core.errors` and never prints or exits.
 """
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -45,15 +45,16 @@ from typing import Any
 
 import requests
 
-from updater import health, install, release
+from core import release
+from core.errors import ConfigError, UpdateFailed, UpdateRejected, UpdaterError
+from core.repository import Repository
+from updater import health, install
 from updater.boot.base import SlotState
 from updater.config import Config
-from updater.errors import ConfigError, UpdateFailed, UpdateRejected, UpdaterError
 from updater.hooks import run_hook
 from updater.lock import LockBusy
 from updater.node import Node, changes_node
 from updater.plan import Plan, plan_writes
-from updater.repository import Repository
 from updater.slots import SLOTS, other
 from updater.state import Journal
 

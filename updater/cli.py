@@ -1,7 +1,7 @@
 """`updater`: the command line of the node agent.
 
 Thin by design: it parses options, calls the library, prints the result (text or
-`--json`) and maps `updater.errors` to exit codes (see README, "Exit codes"). Each
+`--json`) and maps `core.errors` to exit codes (see README, "Exit codes"). Each
 command group lives in its own module under `updater/commands/` and is registered here.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from updater import __version__
-from updater.cliutil import ErrorHandlingGroup
+from core import __version__
+from core.cli import ErrorHandlingGroup
 
 DEFAULT_CONFIG = Path("/etc/updater/config.toml")
 

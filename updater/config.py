@@ -31,11 +31,11 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from updater.errors import ConfigError
-from updater.fsutil import read_regular
-from updater.release import check_role
+from core.errors import ConfigError
+from core.fsutil import read_regular
+from core.release import check_role
+from core.textparse import loads_toml
 from updater.slots import SLOTS
-from updater.textparse import loads_toml
 
 FALLBACK_BOOTLOADERS: tuple[str, ...] = ("grub", "gptprio")
 REPOSITORY_SCHEMES = ("http", "https", "file")

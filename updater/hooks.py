@@ -12,7 +12,7 @@ import logging
 import subprocess
 from collections.abc import Sequence
 
-from updater.errors import UpdateFailed
+from core.errors import UpdateFailed
 
 log = logging.getLogger(__name__)
 

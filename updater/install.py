@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from updater.decompress import COMPRESSIONS, ChunkSource, open_raw_reader
-from updater.errors import DeviceError, SlotGuardError, UpdateRejected
+from core.decompress import COMPRESSIONS, ChunkSource, open_raw_reader
+from core.errors import DeviceError, SlotGuardError, UpdateRejected
 from updater.slots import PartitionTarget
 
 BLOCK_SIZE = 4 << 20  # one pwrite; large and aligned (partitions start on MiB boundaries)

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from updater.errors import UpdateFailed
+from core.errors import UpdateFailed
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from updater.errors import ConfigError
-from updater.fsutil import read_regular
+from core.errors import ConfigError
+from core.fsutil import read_regular
 
 MAX_OS_RELEASE_BYTES = 64 * 1024
 

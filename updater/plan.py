@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from updater.errors import UpdateRejected
+from core.errors import UpdateRejected
+from core.release import Image, Release, check_roles
 from updater.install import check_image
-from updater.release import Image, Release, check_roles
 from updater.slots import PartitionTarget
 
 

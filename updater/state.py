@@ -32,8 +32,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from updater.errors import UpdateFailed
-from updater.fsutil import atomic_write, write_target
+from core.errors import UpdateFailed
+from core.fsutil import atomic_write, write_target
 from updater.slots import SLOTS
 
 log = logging.getLogger(__name__)

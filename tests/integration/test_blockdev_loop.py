@@ -131,7 +131,7 @@ def test_booted_slot_reads_this_machines_proc(loop_with_partitions: Path) -> Non
     assert booted_slot(targets, "A") == "A"
     cmdline = Path("/proc/cmdline").read_text()
     if "updater.slot=" not in cmdline:
-        from updater.errors import UpdateFailed
+        from core.errors import UpdateFailed
 
         with pytest.raises(UpdateFailed, match="cannot tell which slot is booted"):
             booted_slot(targets)

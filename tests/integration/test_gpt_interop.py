@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import DeviceError, UpdaterError
 from tests.conftest import run_tool
 from updater.disk import gpt
 from updater.disk.layout import TYPE_ALIASES, apply_layout, load_layout
-from updater.errors import DeviceError, UpdaterError
 
 LAYOUTS = Path(__file__).resolve().parents[2] / "partition-layouts"
 GIB = 1 << 30

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import GrubenvError
 from tests.conftest import run_tool
 from updater.disk.grubenv import build_grubenv, read_grubenv, update_grubenv, write_grubenv
-from updater.errors import GrubenvError
 
 TRICKY = {
     "ORDER": "A B",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import UpdateFailed
 from tests.conftest import run_tool
-from updater.errors import UpdateFailed
 from updater.install import SlotGuard, WriteFailed, write_image
 from updater.slots import PartitionTarget
 

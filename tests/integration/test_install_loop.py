@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import SlotGuardError
 from tests.conftest import run_tool
-from updater.errors import SlotGuardError
 from updater.install import SlotGuard, WriteFailed, read_back_verify, write_image
 from updater.slots import PartitionTarget
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import requests
 
+import mirror
+from core.repository import Repository, RequestsFetcher
 from tests.agentnode import BIN, LAYOUTS, MiB, Node, node
 from tests.conftest import require_tool, run_tool
 from tests.signing_helpers import ROOT_JSON, ImageSpec, add_release, publish
-from updater import mirror
 from updater.boot.grub import initial_grubenv
 from updater.disk.grubenv import write_grubenv
-from updater.repository import Repository, RequestsFetcher
 
 __all__ = ["node"]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "mirror.md"

@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import requests
 
+import mirror
+from mirror import server as mirror_serve
+from mirror.server import Limits, MirrorServer, make_server
 from tests.signing_helpers import ROOT_JSON, ImageSpec, make_repo, write_image
-from updater import mirror, mirror_serve
-from updater.mirror_serve import Limits, MirrorServer, make_server
 
 BIN = Path(sys.executable).parent
 PATIENCE = 120.0  # seconds: a bound for loops that end much sooner when the server is right
@@ -152,7 +153,7 @@ def test_an_unexpected_error_is_a_500_and_logged(
 
     with running(mdir) as server:
         monkeypatch.setattr(mirror_serve, "byte_range", broken)
-        with caplog.at_level(logging.ERROR, logger="updater.mirror_serve"):
+        with caplog.at_level(logging.ERROR, logger="mirror.server"):
             answer = exchange(address(server), get(path))
         assert status(answer) == 500
         assert any("injected fault" in (r.exc_text or "") for r in caplog.records)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+import mirror
+from core.repository import DownloadFailed, MetadataRejected, TargetRejected
 from tests.httpserver import HTTPTestServer
 from tests.signing_helpers import (
     ROOT_JSON,
@@ -28,8 +30,6 @@ from tests.signing_helpers import (
     tree_digest,
     write_image,
 )
-from updater import mirror
-from updater.repository import DownloadFailed, MetadataRejected, TargetRejected
 
 BIN = Path(sys.executable).parent
 

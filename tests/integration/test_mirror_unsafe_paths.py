@@ -32,10 +32,10 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 )
 from tuf.api.serialization.json import JSONSerializer
 
+import mirror
+from mirror.store import MirrorDir, MirrorRejected
 from tests.httpserver import HTTPTestServer
 from tests.signing_helpers import KEYS_DIR, ROOT_JSON, ImageSpec, make_repo, write_image
-from updater import mirror
-from updater.mirror_store import MirrorDir, MirrorRejected
 
 BIN = Path(sys.executable).parent
 

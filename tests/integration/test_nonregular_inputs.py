@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
+from core.repository import DownloadFailed, Repository
 from tests.agentnode import Node, node
 from tests.bounded import fifo, within
 from tests.configedit import edited_config, one_line_error, run_updater
 from tests.reposim import RepositorySimulator, release_custom
-from updater.errors import ConfigError
 from updater.osrelease import image_version
-from updater.repository import DownloadFailed, Repository
 
 __all__ = ["node"]
 

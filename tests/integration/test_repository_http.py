@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from tests.reposim import RepositorySimulator, release_custom
-from tests.signing_helpers import ROOT_JSON, ImageSpec, make_repo, write_image
-from updater import release
-from updater.repository import (
+from core import release
+from core.repository import (
     DownloadFailed,
     MetadataRejected,
     Repository,
     TargetRejected,
 )
+from tests.reposim import RepositorySimulator, release_custom
+from tests.signing_helpers import ROOT_JSON, ImageSpec, make_repo, write_image
 
 if TYPE_CHECKING:  # the http_server fixture comes from tests/conftest.py
     from tests.httpserver import HTTPTestServer

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from core.fetcher import DownloadLimits, RequestsFetcher
+from core.repository import DownloadFailed, Repository
 from tests.bounded import within
 from tests.reposim import RepositorySimulator, release_custom
-from updater.fetcher import DownloadLimits, RequestsFetcher
-from updater.repository import DownloadFailed, Repository
 
 if TYPE_CHECKING:
     from tests.httpserver import HTTPTestServer

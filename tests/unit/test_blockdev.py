@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError, DeviceError, GPTError, UpdateFailed
 from tests.conftest import run_tool
 from updater.disk.blockdev import (
     detect_booted_slot,
@@ -15,7 +16,6 @@ from updater.disk.blockdev import (
     partition_labels,
     root_device_number,
 )
-from updater.errors import ConfigError, DeviceError, GPTError, UpdateFailed
 from updater.slots import PartitionTarget
 
 SLOTS = {"A": {"root": "root_a", "boot": "boot_a"}, "B": {"root": "root_b", "boot": "boot_b"}}

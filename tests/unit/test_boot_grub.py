@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import ConfigError, DeviceError
 from tests.conftest import run_tool
 from updater.boot.base import BootContext, SlotState
 from updater.boot.grub import GrubBootloader, initial_grubenv, primary_slot, slot_state
 from updater.boot.registry import known_bootloaders, make_bootloader
 from updater.disk.grubenv import read_grubenv, write_grubenv
-from updater.errors import ConfigError, DeviceError
 
 
 def _listed(path: Path) -> dict[str, str]:

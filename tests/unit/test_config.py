@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import ConfigError
 from tests.bounded import fifo, within
 from tests.conftest import run_tool
 from updater.boot.base import REGISTRY
@@ -29,7 +30,6 @@ from updater.config import (
     load_config,
     parse_config,
 )
-from updater.errors import ConfigError
 
 EXAMPLE = """
 [repository]

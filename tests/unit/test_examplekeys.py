@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from core.examplekeys import EXAMPLE_PUBLIC_KEYS, example_key_name, example_keys_among
 from tests.signing_helpers import KEYS_DIR
-from updater.examplekeys import EXAMPLE_PUBLIC_KEYS, example_key_name, example_keys_among
 
 
 def test_compiled_set_matches_keys_example() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from updater.fsutil import atomic_write, read_regular
+from core.fsutil import atomic_write, read_regular
 
 
 def test_write_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from core.fsutil import open_regular, read_regular
 from tests.bounded import fifo, within
-from updater.fsutil import open_regular, read_regular
 
 
 def test_a_regular_file_streams(tmp_path: Path) -> None:

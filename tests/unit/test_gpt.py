@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import GPTError, UpdaterError
 from updater.disk import gpt
-from updater.errors import GPTError, UpdaterError
 
 ESP = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 SECTORS = 256  # a 128 KiB image: small enough to flip every bit of interest quickly

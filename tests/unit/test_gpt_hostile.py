@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from core.errors import DeviceError, GPTError
 from tests.bounded import fifo, within
 from updater.disk import gpt
-from updater.errors import DeviceError, GPTError
 
 ESP = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 SECTORS = 256  # usable 34-222; primary entries 2-33, backup entries 223-254, header 255

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError, GPTError
 from tests.conftest import run_tool
 from updater.boot.base import BootContext, SlotState
 from updater.boot.registry import make_bootloader
 from updater.disk import gpt
 from updater.disk.layout import apply_layout, load_layout
-from updater.errors import ConfigError, GPTError
 
 LAYOUT = Path(__file__).resolve().parents[2] / "partition-layouts" / "gptprio-ab.toml"
 NUMBER = {"root_a": 2, "root_b": 3}

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import GrubenvError, UpdaterError
 from updater.disk.grubenv import (
     GRUBENV_SIZE,
     SIGNATURE,
@@ -20,7 +21,6 @@ from updater.disk.grubenv import (
     update_grubenv,
     write_grubenv,
 )
-from updater.errors import GrubenvError, UpdaterError
 
 EMPTY = build_grubenv({})
 

@@ -21,8 +21,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from updater.decompress import ZSTD_MAX_WINDOW, CorruptStream
-from updater.errors import DeviceError, SlotGuardError, UpdateFailed, UpdateRejected
+from core.decompress import ZSTD_MAX_WINDOW, CorruptStream
+from core.errors import DeviceError, SlotGuardError, UpdateFailed, UpdateRejected
 from updater.install import (
     BLOCK_SIZE,
     ImageRejected,

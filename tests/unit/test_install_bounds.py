@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import SlotGuardError
 from updater import install
-from updater.errors import SlotGuardError
 from updater.install import OutOfPartition, SlotGuard, read_back_verify, write_image
 from updater.slots import PartitionTarget
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from core.errors import LayoutError, UpdaterError
 from tests.bounded import fifo, within
 from updater.disk.layout import (
     TYPE_ALIASES,
@@ -22,7 +23,6 @@ from updater.disk.layout import (
     parse_size,
     plan_layout,
 )
-from updater.errors import LayoutError, UpdaterError
 
 LAYOUTS = Path(__file__).resolve().parents[2] / "partition-layouts"
 GIB = 1 << 30

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from updater.errors import UpdateFailed
+from core.errors import UpdateFailed
 from updater.lock import LOCK_NAME, LockBusy, LockFailed, StateLock
 
 HOLDER = """

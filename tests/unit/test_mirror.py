@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 from tuf.api.metadata import Metadata, TargetFile  # type: ignore[attr-defined]
 
+from core.errors import ConfigError
+from core.repository import TargetRejected
+from mirror.cli import cli
+from mirror.server import Limits, byte_range, make_server, parse_bind
+from mirror.store import MirrorDir, MirrorError
+from mirror import expiry, metadata_files, plan_targets
 from tests.signing_helpers import ImageSpec, make_repo, write_image
-from updater.errors import ConfigError
-from updater.mirror import expiry, metadata_files, plan_targets
-from updater.mirror_cli import cli
-from updater.mirror_serve import Limits, byte_range, make_server, parse_bind
-from updater.mirror_store import MirrorDir, MirrorError
-from updater.repository import TargetRejected
 
 
 def target(

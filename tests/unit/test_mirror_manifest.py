@@ -23,11 +23,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import mirror
+from core.errors import UpdaterError
+from mirror.cli import cli
+from mirror.store import Manifest, MirrorDir, MirrorRejected
 from tests.signing_helpers import ROOT_JSON, ImageSpec, make_repo, write_image
-from updater import mirror
-from updater.errors import UpdaterError
-from updater.mirror_cli import cli
-from updater.mirror_store import Manifest, MirrorDir, MirrorRejected
 
 Doc = dict[str, Any]
 

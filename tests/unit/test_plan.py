@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 
-from updater.errors import UpdateRejected
+from core.errors import UpdateRejected
+from core.release import Image, Release, ReleaseRejected
 from updater.plan import ReleaseUnfit, plan_writes
-from updater.release import Image, Release, ReleaseRejected
 from updater.slots import PartitionTarget
 
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""updater.release: version parsing and ordering, grouping targets, the selection policy."""
+"""core.release: version parsing and ordering, grouping targets, the selection policy."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 
+from core import release
+from core.errors import UpdateRejected
+from core.release import ReleaseRejected, VersionError, parse_version
 from tests.reposim import release_custom
-from updater import release
-from updater.errors import UpdateRejected
-from updater.release import ReleaseRejected, VersionError, parse_version
 
 HW = "x86_64-generic"
 

@@ -203,7 +203,7 @@ def add_args(image: str = "img", **fields: str) -> list[str]:
     return [*args, "--sign-with", "keys/targets", "--passphrase-file", "pass"]
 
 
-# Everything a node would not install (updater.release's rules) is refused by `add`.
+# Everything a node would not install (core.release's rules) is refused by `add`.
 BAD_VERSIONS = ["1.2", "v1.2.0", "1.2.0-", "01.2.0", "1.0", "01.0.0", "latest", ""]
 BAD_VERSIONS += ["1.2.0+build.5", "1.0.0-rc.1+exp", "3.0.1\n", "3.0.1\r", " 3.0.1", "1.2.0/x"]
 
@@ -243,7 +243,7 @@ def test_empty_image_refused(env: Path) -> None:
 def test_target_paths_follow_the_node_rule(tmp_path: Path) -> None:
     """Whatever passes validate() makes target paths that release.check_target_path
     accepts (the one rule the agent and mirror apply to signed paths)."""
-    from updater.release import check_target_path
+    from core.release import check_target_path
 
     image = tmp_path / "img"
     image.write_bytes(b"x")

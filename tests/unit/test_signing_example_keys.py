@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from core.examplekeys import WHY
 from signing import create
 from signing import repository as ops
 from signing.cli import cli
@@ -29,7 +30,6 @@ from tests.signing_helpers import (
     tree_digest,
     write_image,
 )
-from updater.examplekeys import WHY
 
 ENV = "SIGN_RELEASE_ALLOW_EXAMPLE_KEYS"
 

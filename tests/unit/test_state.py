@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from updater.errors import UpdateFailed
+from core.errors import UpdateFailed
 from updater.state import (
     BACKUP_NAME,
     JOURNAL_NAME,

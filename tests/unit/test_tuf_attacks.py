@@ -3,7 +3,7 @@
 Each test: a client refreshes once (trusted state), the repository is attacked, the
 next refresh must raise the specific project error, and the client's cache must still
 hold the last trusted metadata. The TUF logic under test is python-tuf's ngclient as
-wired by updater.repository (fetcher, cache, error mapping).
+wired by core.repository (fetcher, cache, error mapping).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined]
 from tuf.api.metadata import Metadata
 
+from core import release
+from core.repository import MetadataRejected, Repository, TargetRejected
 from tests.reposim import METADATA_URL, TARGETS_URL, RepositorySimulator, release_custom
 from tests.signing_helpers import KEYS_DIR
-from updater import release
-from updater.repository import MetadataRejected, Repository, TargetRejected
 
 IMAGE = b"root filesystem image\n" * 100
 PATH = "x86_64-generic/1.0.0/root.img"

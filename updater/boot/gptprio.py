@@ -14,9 +14,9 @@ three are never changed.
 
 from __future__ import annotations
 
+from core.errors import ConfigError
 from updater.boot.base import REGISTRY, BootContext, SlotState
 from updater.disk.gpt import GptDisk, Partition, read_gpt, write_gpt
-from updater.errors import ConfigError
 from updater.slots import SLOTS, other
 
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from core.errors import ConfigError
 from updater.boot.base import REGISTRY, BootContext, SlotState
 from updater.disk.grubenv import read_grubenv, update_grubenv
-from updater.errors import ConfigError
 from updater.slots import SLOTS, other
 
 DEFAULT_ORDER = " ".join(SLOTS)

@@ -12,8 +12,8 @@ import importlib
 import importlib.util
 
 import updater.boot.grub  # noqa: F401  (registers "grub")
+from core.errors import ConfigError
 from updater.boot.base import REGISTRY, BootContext, Bootloader
-from updater.errors import ConfigError
 
 # Backends that may not be present in every checkout; imported only if they exist so
 # that a missing optional backend is an unknown name, not an ImportError at startup.

@@ -4,7 +4,7 @@ health-check and daemon.
 Each command loads the config, builds an `Agent`, calls one method and prints the
 result: text for people, or with `updater --json` one JSON document per line on stdout
 (`install --json` adds `{"event": "progress", ...}` lines before its result). Errors are
-mapped to exit codes by `updater.cliutil.ErrorHandlingGroup` (README, "Exit codes").
+mapped to exit codes by `core.cli.ErrorHandlingGroup` (README, "Exit codes").
 
 Every command that changes the node takes `--wait`; the `Agent` itself takes the state
 directory's lock (`updater.lock`), the command only says whether to wait for it.

@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
-from updater.cliutil import ErrorHandlingGroup, echo_json
+from core.cli import ErrorHandlingGroup, echo_json
+from core.errors import ConfigError
 from updater.disk.gpt import GptDisk, read_gpt, repair_gpt
 from updater.disk.layout import ALIAS_OF, apply_layout, load_layout, parse_size
-from updater.errors import ConfigError
 
 
 def _size(value: str | None) -> int | None:

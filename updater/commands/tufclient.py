@@ -8,7 +8,7 @@ that suite:
     updater tuf-client --metadata-dir D --metadata-url U --target-name P \\
         --target-base-url T --target-dir TD download
 
-Invariants: the work is done by `updater.repository.Repository`, exactly as the agent
+Invariants: the work is done by `core.repository.Repository`, exactly as the agent
 does it (refresh, get_targetinfo, stream_target); the trust anchor after `init` is the
 cached `D/root.json`; a downloaded target appears in TD (named by its URL-quoted
 target path) only once every byte is verified (temp file + fsync + rename); the exit
@@ -25,9 +25,9 @@ from urllib import parse
 import click
 from tuf.api.exceptions import LengthOrHashMismatchError
 
-from updater.errors import ConfigError, UpdateFailed, UpdaterError
-from updater.fsutil import atomic_write
-from updater.repository import Repository
+from core.errors import ConfigError, UpdateFailed, UpdaterError
+from core.fsutil import atomic_write
+from core.repository import Repository
 
 
 def _fail_with_1(action: Callable[[], None]) -> None:

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import ConfigError, GPTError, UpdateFailed
 from updater.disk.gpt import GptDisk, Partition, read_gpt
-from updater.errors import ConfigError, GPTError, UpdateFailed
 from updater.slots import SLOTS, PartitionTarget
 
 KERNEL_SECTOR = 512  # /sys/.../start and size are always in 512-byte units

@@ -40,6 +40,8 @@ from typing import Any, NamedTuple
 
 from construct import ConstructError
 
+from core.errors import DeviceError, GPTError
+from core.fsutil import file_kind
 from updater.disk.gpt_format import (
     DEFAULT_ENTRIES,
     ENTRY_SIZE,
@@ -53,8 +55,6 @@ from updater.disk.gpt_format import (
 from updater.disk.gpt_table import EMPTY_TYPE
 from updater.disk.gpt_table import GptDisk as GptDisk  # re-exported: the table type
 from updater.disk.gpt_table import Partition as Partition
-from updater.errors import DeviceError, GPTError
-from updater.fsutil import file_kind
 
 _BLKSSZGET = 0x1268
 _BLKGETSIZE64 = 0x80081272

@@ -14,7 +14,7 @@ import uuid
 
 from construct import Adapter, Bytes, Const, Int8ul, Int32ul, Int64ul, Struct
 
-from updater.errors import GPTError
+from core.errors import GPTError
 
 SIGNATURE = b"EFI PART"
 REVISION_1_0 = 0x00010000

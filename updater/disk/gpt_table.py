@@ -15,8 +15,8 @@ import itertools
 import uuid
 from dataclasses import dataclass, field
 
+from core.errors import GPTError
 from updater.disk.gpt_format import DEFAULT_ENTRIES, ENTRY_SIZE, HEADER_SIZE, REVISION_1_0
-from updater.errors import GPTError
 
 EMPTY_TYPE = uuid.UUID(int=0)  # the type GUID of an unused entry
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from construct import Bytes, Const, ConstructError, Struct, Terminated
 
-from updater.errors import DeviceError, GrubenvError
-from updater.fsutil import atomic_write, read_regular
+from core.errors import DeviceError, GrubenvError
+from core.fsutil import atomic_write, read_regular
 
 GRUBENV_SIZE = 1024
 SIGNATURE = b"# GRUB Environment Block\n"

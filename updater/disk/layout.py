@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.errors import DeviceError, GPTError, LayoutError
+from core.fsutil import read_regular
+from core.textparse import loads_toml
 from updater.disk.gpt import (
     GptDisk,
     Partition,
@@ -34,9 +37,6 @@ from updater.disk.gpt import (
     open_disk,
     write_tables,
 )
-from updater.errors import DeviceError, GPTError, LayoutError
-from updater.fsutil import read_regular
-from updater.textparse import loads_toml
 
 ALIGN = 1024 * 1024
 _BLKRRPART = 0x125F

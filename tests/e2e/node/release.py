@@ -25,7 +25,7 @@ from tests.e2e.node.cache import REPO, Key, cached, default_cache_dir
 from tests.e2e.node.rootfs import base_rootfs, python_deps, run
 
 GUEST = Path(__file__).parent / "guest"
-PROJECT_PACKAGES = ("updater", "signing")
+PROJECT_PACKAGES = ("core", "updater")  # what a node runs: the agent and its core
 DEFAULT_BOOT_COMMANDS = ("updater health-check",)
 DEFAULT_TRUSTED_ROOT = REPO / "keys-example" / "root.json"
 HARDWARE = "e2e-qemu-x86_64"
@@ -77,7 +77,7 @@ BROKEN_INIT = (
 
 def release_version(version: int | str) -> str:
     """The agent's version string: 2 -> "2.0.0"; a string must be MAJOR.MINOR.PATCH[-PRE]."""
-    from updater.release import parse_version
+    from core.release import parse_version
 
     text = f"{version}.0.0" if isinstance(version, int) else version
     return parse_version(text).text

@@ -1,7 +1,7 @@
 """`update-mirror`: the command line for air-gapped mirrors (verified sync, export, serve).
 
-Thin: each command parses options, calls one function of `updater.mirror` (or
-`updater.mirror_serve`) and prints its result - text, or JSON with `--json`. Errors are
+Thin: each command parses options, calls one function of `mirror.upstream` (or
+`mirror.server`) and prints its result - text, or JSON with `--json`. Errors are
 `UpdaterError`s turned into one line and an exit code by `ErrorHandlingGroup`.
 """
 
@@ -13,9 +13,10 @@ from typing import Any
 
 import click
 
-from updater import __version__, mirror
-from updater.cliutil import ErrorHandlingGroup, echo_json
-from updater.mirror_serve import Limits, make_server
+import mirror
+from core import __version__
+from core.cli import ErrorHandlingGroup, echo_json
+from mirror.server import Limits, make_server
 
 _root_option = click.option(
     "--root",

@@ -4,7 +4,7 @@ python-tuf's `ngclient.Updater` does every trust decision (root rotation, rollba
 freeze protection, signatures, thresholds, snapshot/targets consistency). This module
 adds what the agent needs around it:
 
-* `updater.fetcher.RequestsFetcher` - the network layer (one `requests.Session` for
+* `core.fetcher.RequestsFetcher` - the network layer (one `requests.Session` for
   metadata and images, `file://` URLs too) - and the slow-retrieval limits, which this
   module applies to whatever fetcher it is given (`DownloadLimits`).
 * `Repository.from_config` - the one place a `[repository]` config table becomes a
@@ -44,22 +44,22 @@ import logging
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import requests
 from tuf.api import exceptions as tuf_exc
 
 # tuf.api.metadata is the documented home of these classes but does not re-export them
-# explicitly; mypy resolves the real classes anyway (see updater/release.py).
+# explicitly; mypy resolves the real classes anyway (see core/release.py).
 from tuf.api.metadata import TargetFile, Targets  # type: ignore[attr-defined]
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from updater.config import RepositoryConfig
-from updater.errors import ConfigError, UpdateFailed, UpdateRejected
-from updater.examplekeys import WHY, example_keys_among
-from updater.fetcher import (
+from core.errors import ConfigError, UpdateFailed, UpdateRejected
+from core.examplekeys import WHY, example_keys_among
+from core.fetcher import (
     DownloadLimits,
     RequestsFetcher,
     ResumableFetcher,
@@ -67,7 +67,7 @@ from updater.fetcher import (
     skip_prefix,
     within_deadline,
 )
-from updater.fsutil import atomic_write, read_regular
+from core.fsutil import atomic_write, read_regular
 
 __all__ = [  # the fetcher's names are re-exported: callers import them from here
     "DownloadFailed",
@@ -82,6 +82,28 @@ __all__ = [  # the fetcher's names are re-exported: callers import them from her
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0  # seconds; caps the exponential backoff between resume attempts
+
+
+class RepositorySettings(Protocol):
+    """What `Repository.from_config` reads of a repository configuration (the agent's
+    `[repository]` table, `updater.config.RepositoryConfig`, has these attributes)."""
+
+    @property
+    def metadata_url(self) -> str: ...
+    @property
+    def targets_url(self) -> str: ...
+    @property
+    def trusted_root(self) -> Path: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def metadata_deadline(self) -> float: ...
+    @property
+    def min_rate(self) -> float: ...
+    @property
+    def rate_window(self) -> float: ...
+    @property
+    def allow_example_keys(self) -> bool: ...
 
 
 class MetadataRejected(UpdateRejected):
@@ -165,7 +187,7 @@ class Repository:
     @classmethod
     def from_config(
         cls,
-        repo: RepositoryConfig,
+        repo: RepositorySettings,
         cache_dir: Path,
         session: requests.Session | None = None,
         *,

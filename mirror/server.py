@@ -12,7 +12,7 @@ Invariants:
   sent, so one response is always one file of one state - a publish during a download
   changes what the next request sees, never the bytes of this one.
 * Only regular files below the resolved state are served: the decoded request path
-  must pass `updater.release.check_target_path` (else 400) and resolve inside the
+  must pass `core.release.check_target_path` (else 400) and resolve inside the
   state (no symlink escape, no directory listings; else 404).
 * No client can hold the server: a connection is served by one of `Limits.workers`
   workers, and the next one is accepted only when a worker is free - until then it
@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib import parse
 
-from updater.errors import ConfigError
-from updater.mirror_store import MirrorError
-from updater.release import check_target_path
+from core.errors import ConfigError
+from core.release import check_target_path
+from mirror.store import MirrorError
 
 logger = logging.getLogger(__name__)
 

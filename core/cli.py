@@ -1,6 +1,6 @@
 """Shared click plumbing for the three console scripts.
 
-Invariant: an expected failure (`updater.errors.UpdaterError`) ends in exactly one line
+Invariant: an expected failure (`core.errors.UpdaterError`) ends in exactly one line
 on stderr, `<program>: error: <message>`, and the error class's exit code - never a
 traceback. Unexpected exceptions are bugs and keep their traceback.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from updater.errors import UpdaterError
+from core.errors import UpdaterError
 
 
 class ErrorHandlingGroup(click.Group):

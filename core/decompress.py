@@ -28,7 +28,7 @@ from typing import IO, Protocol, cast
 
 import zstandard
 
-from updater.errors import UpdateRejected
+from core.errors import UpdateRejected
 
 COMPRESSIONS: tuple[str, ...] = ("zstd", "xz", "gzip", "none")
 

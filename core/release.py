@@ -11,7 +11,7 @@ field (DESIGN.md, "Trust"):
 Invariants:
 
 * Pure: no I/O, no clock. Inputs are the *verified* targets of the trusted TUF targets
-  metadata (`updater.repository.Repository.targets()`); outputs are plain data.
+  metadata (`core.repository.Repository.targets()`); outputs are plain data.
 * Malformed custom data never crashes selection: such a target is skipped (and logged),
   and a version whose targets disagree (two images for one role) is skipped whole,
   because the node cannot tell which image was meant.
@@ -34,7 +34,7 @@ from typing import Any
 # re-export it explicitly; mypy still resolves the real class (checked), hence the ignore.
 from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 
-from updater.errors import UpdateRejected
+from core.errors import UpdateRejected
 
 logger = logging.getLogger(__name__)
 

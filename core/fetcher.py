@@ -37,7 +37,7 @@ import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
 
-from updater.fsutil import open_regular
+from core.fsutil import open_regular
 
 _RATE_MARKS = 16  # samples per rate window: the window slides in steps of 1/16th
 

@@ -22,7 +22,7 @@ Invariants:
   removed by `collect_garbage`.
 * Nothing is written outside the mirror directory: every relative path joined to one
   of its directories (a state's metadata names and target links, a manifest's paths)
-  passes `updater.release.check_target_path` first - the one rule for signed target
+  passes `core.release.check_target_path` first - the one rule for signed target
   paths - and every object name is 64 lowercase hex digits. A manifest is validated
   whole when it is read (`Manifest.from_json`): a damaged one is one `MirrorRejected`
   naming the file and the field, never a crash in whichever command reads it.
@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from updater.errors import UpdateFailed, UpdateRejected
-from updater.fsutil import atomic_write, fsync_dir, read_regular
-from updater.release import check_role, check_target_path, parse_version
-from updater.textparse import loads_json
+from core.errors import UpdateFailed, UpdateRejected
+from core.fsutil import atomic_write, fsync_dir, read_regular
+from core.release import check_role, check_target_path, parse_version
+from core.textparse import loads_json
 
 # A manifest lists every image of a state; 64 MiB is ~300,000 of them.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -107,7 +107,7 @@ def _string(value: object, field: str, *, nonempty: bool = False) -> str:
 
 
 def _checked(check: Callable[[str], object], value: object, field: str) -> str:
-    """`value`, a string passing `check` (a rule of `updater.release`); its ValueError
+    """`value`, a string passing `check` (a rule of `core.release`); its ValueError
     is prefixed by `field`."""
     text = _string(value, field)
     try:

@@ -27,10 +27,10 @@ from typing import Any
 from tuf.api.metadata import Metadata
 from tuf.api.serialization import DeserializationError
 
-from updater.errors import ConfigError
-from updater.fsutil import atomic_write, fsync_dir
-from updater.mirror_store import MirrorDir, MirrorError, MirrorRejected, below
-from updater.repository import Repository
+from core.errors import ConfigError
+from core.fsutil import atomic_write, fsync_dir
+from core.repository import Repository
+from mirror.store import MirrorDir, MirrorError, MirrorRejected, below
 
 
 def metadata_files(state: Path) -> dict[str, Path]:

@@ -1,12 +1,12 @@
 """`update-mirror`: the verified sync of an air-gapped mirror, and the library facade of
-the command (verify, export, status and the expiry report live in `updater.mirror_read`
+the command (verify, export, status and the expiry report live in `mirror.state`
 and are re-exported here).
 
-The mirror holds no keys. It runs the agent's own TUF path (`updater.repository.
+The mirror holds no keys. It runs the agent's own TUF path (`core.repository.
 Repository`, python-tuf ngclient) against upstream into a private cache, copies the
 metadata bytes ngclient verified and persisted, streams each chosen image through
 `Repository.stream_target` (trusted length and hashes, Range resume) into the object
-store, and publishes a new state atomically (`updater.mirror_store`).
+store, and publishes a new state atomically (`mirror.store`).
 
 Invariants:
 
@@ -44,24 +44,11 @@ from urllib import parse
 
 from tuf.api.metadata import Metadata, TargetFile  # type: ignore[attr-defined]
 
-from updater import release
-from updater.errors import ConfigError
-from updater.mirror_read import expiry, export, metadata_files, status, verify
-from updater.mirror_store import MirrorDir, MirrorError, MirrorRejected
-from updater.repository import Repository, TargetRejected
-
-__all__ = [
-    "SyncResult",
-    "Wanted",
-    "expiry",
-    "export",
-    "metadata_files",
-    "plan_targets",
-    "status",
-    "sync",
-    "unsafe_targets",
-    "verify",
-]
+from core import release
+from core.errors import ConfigError
+from core.repository import Repository, TargetRejected
+from mirror.state import expiry, metadata_files
+from mirror.store import MirrorDir, MirrorError, MirrorRejected
 
 logger = logging.getLogger(__name__)
 
