@@ -16,13 +16,12 @@ Every key is documented in docs/configuration.md. Invariants kept here:
   (path, URL, name, argv element) holds a NUL byte, every URL parses, and numbers of any
   size are compared exactly and shown shortened.
 
-Loading does no I/O besides reading the file itself; `check_partitions` is the separate
-step that compares the slots with the partitions really on the disk.
+Loading does no I/O besides reading the file itself: whether the partitions the slots
+name exist is checked where the disk is read (`blockdev.find_slot_partitions`).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ from core.errors import ConfigError
 from core.fsutil import read_regular
 from core.release import check_role
 from core.textparse import loads_toml
+from updater.boot.registry import known_bootloaders
 from updater.slots import SLOTS
 
-FALLBACK_BOOTLOADERS: tuple[str, ...] = ("grub", "gptprio")
 REPOSITORY_SCHEMES = ("http", "https", "file")
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; anything near this is not one
@@ -289,19 +288,6 @@ def _check_url(value: str, schemes: Collection[str], error: Callable[[str], Conf
         raise error(f"{value!r} has no path")
 
 
-def known_bootloaders() -> tuple[str, ...]:
-    """Names the `bootloader` key accepts: the registry's, once the backends exist."""
-    try:
-        # Imported by name: the backends are optional here and fill REGISTRY on import.
-        importlib.import_module("updater.boot.registry")
-    except ModuleNotFoundError as err:
-        if err.name != "updater.boot.registry":
-            raise
-    from updater.boot.base import REGISTRY
-
-    return tuple(sorted(REGISTRY)) if REGISTRY else FALLBACK_BOOTLOADERS
-
-
 # --- the tables ------------------------------------------------------------------------
 
 
@@ -502,30 +488,3 @@ def load_config(path: Path) -> Config:
     except UnicodeDecodeError as err:
         raise ConfigError(f"config {path}: not UTF-8 text: {err.reason}") from err
     return parse_config(text, path)
-
-
-def check_partitions(config: Config, disk: Path | None = None) -> None:
-    """Check that every slot partition of `config` exists on `disk` (default: the config's).
-
-    Reads the disk's GPT; a block device and a disk image file are read the same way.
-    """
-    from updater.disk.blockdev import partition_labels  # the disk layer imports config
-
-    where = disk if disk is not None else config.device.disk
-    check_partition_labels(config, partition_labels(where), where)
-
-
-def check_partition_labels(config: Config, labels: Collection[str], disk: Path) -> None:
-    """Check that every slot partition named in `config` is among `labels`, found on `disk`.
-
-    The pure half of `check_partitions`: no I/O, so it is also usable on a planned layout.
-    """
-    where = disk
-    for slot in SLOTS:
-        for role, label in sorted(config.slots[slot].items()):
-            if label not in labels:
-                present = ", ".join(sorted(labels)) or "none"
-                raise ConfigError(
-                    f"config {config.path}: [slots.{slot}] {role} = {label!r}: no partition "
-                    f"named {label} on {where} (partitions: {present})"
-                )

@@ -38,11 +38,6 @@ def is_block_device(path: Path) -> bool:
         return False
 
 
-def partition_labels(disk: Path) -> list[str]:
-    """The names (PARTLABELs) of the partitions in the GPT of `disk`, in table order."""
-    return [p.name for p in read_gpt(disk).partitions]
-
-
 @dataclass(frozen=True)
 class PartitionNode:
     """A kernel partition device of a block device, as /sys describes it."""
