@@ -4,7 +4,8 @@ write or read.
 Invariants:
 * a file the tools write is either absent, its old content, or its complete new
   content - never half-written: data goes to a temporary file in the same directory,
-  which is fsync'd, renamed over the target, and the directory is fsync'd;
+  which is fsync'd, renamed over the target, and the directory is fsync'd - one
+  mechanism, `replacing`, for whole contents (`atomic_write`) and streamed ones;
 * a write goes to the file a path *names*: a symlink is resolved first and its target
   is replaced, the link itself is kept (as `grub-editenv` does), so the file another
   program reads through the link is the file we wrote;
@@ -86,22 +87,36 @@ def temp_file(directory: Path, prefix: str = ".tmp-") -> Iterator[tuple[IO[bytes
             path.unlink()
 
 
-def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
-    """Write `data` (bytes, or chunks streamed in order) to the file `path` names (see
-    `write_target`): temp file + fsync + rename + fsync of the directory. Raises
-    OSError; the file is then unchanged."""
+@contextlib.contextmanager
+def replacing(path: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """Replace the file `path` names (see `write_target`) with what the `with` block
+    writes to the yielded temporary file - by `write()`, or on its descriptor (e.g.
+    `os.ftruncate` to make a sparse disk image, then `os.pwrite` of its tables).
+
+    The streaming form of `atomic_write`, with the same guarantees: when the block ends,
+    the file is flushed, fsync'd, given `mode`, renamed over the target and the directory
+    fsync'd; when the block (or any of that) raises, the temporary file is removed and
+    the target is unchanged. Raises OSError."""
     path = write_target(path)
     with temp_file(path.parent, prefix=f".{path.name}.") as (f, tmp):
-        if isinstance(data, bytes):
-            f.write(data)
-        else:
-            for chunk in data:
-                f.write(chunk)
+        yield f
         f.flush()
         os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
+    """Write `data` (bytes, or chunks streamed in order) to the file `path` names (see
+    `write_target`): temp file + fsync + rename + fsync of the directory (`replacing`).
+    Raises OSError; the file is then unchanged."""
+    with replacing(path, mode) as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            for chunk in data:
+                f.write(chunk)
 
 
 def _open_regular_fd(path: Path) -> int:

@@ -9,7 +9,7 @@ Invariants: partitions start on 1 MiB boundaries; every error is a `LayoutError`
 naming the layout file and the field; the target is not modified unless the whole
 plan is valid and the target is neither holding a partition table (unless `force`) nor
 in use (mounted, or held open exclusively) whatever the flags; a new image file is
-built under a temporary name and renamed into place.
+built crash-safely (`fsutil.replacing`), at the file its path names.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import DeviceError, GPTError, LayoutError
-from core.fsutil import read_regular
+from core.fsutil import read_regular, replacing
 from core.textparse import loads_toml
 from updater.disk.gpt import (
     GptDisk,
@@ -397,28 +397,14 @@ def apply_layout(
 
 
 def _create_image(target: Path, size: int, disk: GptDisk) -> None:
-    """A new sparse image: written under a temporary name, fsync'd, renamed, dir fsync'd."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    """A new sparse image of `size` bytes holding `disk`'s tables, made crash-safely
+    (`fsutil.replacing`: a temporary file, fsync'd, renamed into place)."""
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with replacing(target, mode=0o644) as image:
+            try:
+                os.ftruncate(image.fileno(), size)
+            except OSError as e:
+                raise DeviceError(f"{target}: cannot size image to {size}: {e.strerror}") from e
+            write_tables(image.fileno(), target, build_tables(disk))
     except OSError as e:
-        raise DeviceError(f"{target}: cannot create image: {e.strerror}") from e
-    try:
-        try:
-            os.ftruncate(fd, size)
-        except OSError as e:
-            raise DeviceError(f"{target}: cannot size image to {size}: {e.strerror}") from e
-        write_tables(fd, target, build_tables(disk))
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, target)
-        dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+        raise DeviceError(f"{target}: cannot create image: {e.strerror or e}") from e
