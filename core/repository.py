@@ -33,6 +33,10 @@ Invariants:
 * ngclient's cache writes go through temp file + fsync + rename + fsync of the dir.
 * Errors are mapped: `tuf.api.exceptions.RepositoryError` (and metadata longer than
   allowed) -> `MetadataRejected`; network and HTTP failures -> `DownloadFailed`.
+
+Three ngclient internals are used (`Updater._persist_file`, `_trusted_set`,
+`_load_targets`); pyproject.toml bounds `tuf` to the major versions tested, and
+tests/unit/test_tuf_pins.py fails if one of them is no longer called or changes meaning.
 """
 
 from __future__ import annotations
@@ -134,7 +138,10 @@ class _RecordingFetcher(FetcherInterface):
 
 
 class _DurableUpdater(Updater):
-    """ngclient's Updater whose cache writes are fsync'd (ngclient only renames)."""
+    """ngclient's Updater whose cache writes are fsync'd (ngclient only renames).
+
+    `_persist_file` is internal: every metadata file ngclient caches goes through it
+    (tests/unit/test_tuf_pins.py checks that it still does)."""
 
     def _persist_file(self, filename: str, data: bytes) -> None:
         atomic_write(Path(filename), data)
