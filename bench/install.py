@@ -3,7 +3,7 @@
     python bench/install.py --size-mib 1024 [--keep-dir DIR]
 
 Builds an N MiB raw image (deterministic mix of random, text and zero blocks), signs it
-into a TUF repository with the real signing library (zstd, via tests/signing_helpers),
+into a TUF repository with the real signing library (zstd, via tools/examplerepo.py),
 serves the repository with an HTTP server on 127.0.0.1 (http.server with sendfile; the
 fault-injecting tests/httpserver.py holds whole files in memory), and installs it into slot B of
 a sparse disk image exactly as the agent does: `Repository.refresh`, `release.releases`,
@@ -88,7 +88,7 @@ def build_image(path: Path, size: int, seed: int) -> str:
 
 
 def build_repository(work: Path, raw: Path) -> Path:
-    from tests.signing_helpers import ImageSpec, make_repo
+    from tools.examplerepo import ImageSpec, make_repo
 
     repo = work / "repo"
     if repo.exists():
@@ -209,7 +209,7 @@ def _install(child: subprocess.Popen[str], spec: dict[str, Any]) -> dict[str, An
 def _run(
     size_mib: int, work: Path, seed: int, children: list[subprocess.Popen[str]]
 ) -> dict[str, Any]:
-    from tests.signing_helpers import ROOT_JSON
+    from tools.examplerepo import ROOT_JSON
 
     size = size_mib * MiB
     raw = work / "raw.img"

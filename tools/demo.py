@@ -12,7 +12,7 @@
    booted, which version, what the agent decided; end with a summary table.
 
 Invariants: the demo only reports what the console and the disk show (the same
-readers as the tests: tests/e2e/scenarios.py); any boot that does not end as the
+readers as the tests: tools/node/scenarios.py); any boot that does not end as the
 story expects stops the demo with a non-zero exit and the console log's path.
 """
 
@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.node import default_cache_dir  # noqa: E402
-from tests.e2e.scenarios import Boot, HappyThenFailed  # noqa: E402
+from tools.node import default_cache_dir  # noqa: E402
+from tools.node.scenarios import Boot, HappyThenFailed  # noqa: E402
 
 OUT = ROOT / "demo-out"
 UPDATER = Path(sys.executable).parent / "updater"

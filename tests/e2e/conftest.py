@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
-from tests.e2e.node import Node, build_release, default_cache_dir, make_node
-from tests.e2e.node.disk import OVMF_CODE, OVMF_VARS
-from tests.e2e.scenarios import Runner, start_selected
+from tools.node import Node, build_release, default_cache_dir, make_node
+from tools.node.disk import OVMF_CODE, OVMF_VARS
+from tools.node.scenarios import Runner, start_selected
 
 TOOLS = (
     "debootstrap", "qemu-system-x86_64", "mkfs.ext4", "tune2fs", "mkfs.vfat", "mcopy",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.node import Node, boot, build_release, make_node, make_updates_disk
+from tools.node import Node, boot, build_release, make_node, make_updates_disk
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ d. power cuts while the agent writes the inactive slot (seeded random points, fr
 e. the `gptprio` backend: the agent writes the GPT bits in the guest, `cgpt` reads
    them after each run; the host plays the gptprio chooser (see docs/e2e.md).
 
-The boots run in tests/e2e/scenarios.py, started in the background when the session
+The boots run in tools/node/scenarios.py, started in the background when the session
 begins (conftest.py: two QEMUs at a time); each test waits for its own scenario and
 asserts on what the serial console showed and on the disk after QEMU exited (grubenv
 with grub-editenv, journal with debugfs, GPT bits with cgpt, slots by sha256). Every
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.scenarios import (
+from tools.node.scenarios import (
     HEALTH,
     INSTALL,
     Boot,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
-from tests.e2e.node.disk import OVMF_CODE, Node
+from tools.node.disk import OVMF_CODE, Node
 
 ExitReason = Literal["poweroff", "reboot", "panic", "timeout", "reset", "error", "killed"]
 MARKER = re.compile(r"^E2E: (.*?)\s*$", re.MULTILINE)

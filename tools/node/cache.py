@@ -11,7 +11,7 @@ Invariants kept here:
 * a changed input changes the key, so a stale entry is never reused; each use
   touches the entry, and after a build the entries of that kind beyond the
   `KEEP` most recently used, and unused for `KEEP_SECONDS`, are deleted (the
-  project source changes all day; `python -m tests.e2e.node clean` deletes all).
+  project source changes all day; `python -m tools.node clean` deletes all).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 COMPLETE = ".complete"
 KEEP = 3
 KEEP_SECONDS = 3600.0

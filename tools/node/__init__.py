@@ -1,6 +1,7 @@
-"""Virtual ab-updater nodes for end-to-end tests: real GRUB, kernel and agent in QEMU.
+"""Virtual ab-updater nodes: real GRUB, kernel and agent in QEMU, for the end-to-end tests
+(tests/e2e) and `make demo`; the update stories told on them are in `tools.node.scenarios`.
 
-What a scenario test uses:
+What a scenario uses:
 
     image = build_release(1)                        # ext4 slot image of release v1
     node = make_node(tmp_path / "node", image)      # GPT disk, GRUB ESP, v1 in slot A
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.e2e.node.cache import default_cache_dir
-from tests.e2e.node.disk import (
+from tools.node.cache import default_cache_dir
+from tools.node.disk import (
     Node,
     make_node,
     make_updates_disk,
@@ -26,8 +27,8 @@ from tests.e2e.node.disk import (
     partitions,
     write_image,
 )
-from tests.e2e.node.qemu import BootResult, boot, boot_until
-from tests.e2e.node.release import build_release, relabel
+from tools.node.qemu import BootResult, boot, boot_until
+from tools.node.release import build_release, relabel
 
 __all__ = [
     "BootResult",

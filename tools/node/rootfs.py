@@ -23,7 +23,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tests.e2e.node.cache import REPO, Key, cached
+from tools.node.cache import REPO, Key, cached
 
 SUITE = "bookworm"
 MIRROR = os.environ.get("AB_E2E_MIRROR", "http://deb.debian.org/debian")

@@ -1,8 +1,8 @@
-"""`python -m tests.e2e.node`: build, boot and clean e2e nodes by hand.
+"""`python -m tools.node`: build, boot and clean e2e nodes by hand.
 
-python -m tests.e2e.node build [--version 2] [--health fail] [--panic] [--label root_b]
-python -m tests.e2e.node boot WORKDIR [--version 1] [--updates-dir DIR] [--command CMD]...
-python -m tests.e2e.node clean [--all]
+python -m tools.node build [--version 2] [--health fail] [--panic] [--label root_b]
+python -m tools.node boot WORKDIR [--version 1] [--updates-dir DIR] [--command CMD]...
+python -m tools.node clean [--all]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from tests.e2e.node import (
+from tools.node import (
     boot_until,
     build_node,
     build_release,
@@ -20,7 +20,7 @@ from tests.e2e.node import (
     make_node,
     make_updates_disk,
 )
-from tests.e2e.node.cache import clean as clean_cache
+from tools.node.cache import clean as clean_cache
 
 
 def _version(text: str) -> int | str:
@@ -94,4 +94,4 @@ def clean(cache: Path, everything: bool) -> None:
         click.echo(f"removed {path}")
 
 
-cli(prog_name="python -m tests.e2e.node")
+cli(prog_name="python -m tools.node")

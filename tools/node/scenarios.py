@@ -1,13 +1,13 @@
 """Update scenarios on virtual nodes: boots, what each boot showed, and the disk after.
 
 Shared by the scenario tests (tests/e2e/test_scenarios.py) and `make demo`
-(tools/demo.py). A `Scenario` is one node (a fresh copy of the cached template) plus
-the signed TUF repository its UPDATES disk carries; `Scenario.boot()` powers the node
-on once and returns a `Boot`: the facts read from that boot's serial console (which
-slot GRUB chose, which version came up, what the agent's health check decided, the
-`install --json` output) and from the disk after QEMU exited (the grubenv through
-`grub-editenv`, the agent's journal through `debugfs`, GPT bits through `cgpt`, slot
-contents by sha256).
+(tools/demo.py), so it lives beside the node builder, outside tests/. A `Scenario` is
+one node (a fresh copy of the cached template) plus the signed TUF repository its
+UPDATES disk carries; `Scenario.boot()` powers the node on once and returns a `Boot`:
+the facts read from that boot's serial console (which slot GRUB chose, which version
+came up, what the agent's health check decided, the `install --json` output) and from
+the disk after QEMU exited (the grubenv through `grub-editenv`, the agent's journal
+through `debugfs`, GPT bits through `cgpt`, slot contents by sha256).
 
 The scenarios: `HappyThenFailed` (a and b on one node, run lazily so a test or the
 demo runs only the boots it needs), `run_panic` (c), `run_power_cuts` (d),
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.node import BootResult, Node, boot, build_release, make_node, make_updates_disk
-from tests.e2e.node.release import HARDWARE, agent_config
-from tests.signing_helpers import ImageSpec, add_release, make_repo, publish
+from tools.examplerepo import ImageSpec, add_release, make_repo, publish
+from tools.node import BootResult, Node, boot, build_release, make_node, make_updates_disk
+from tools.node.release import HARDWARE, agent_config
 
 HEALTH = "updater health-check"
 INSTALL = "updater --json install"

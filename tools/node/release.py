@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from tests.e2e.node.cache import REPO, Key, cached, default_cache_dir
-from tests.e2e.node.rootfs import base_rootfs, python_deps, run
+from tools.node.cache import REPO, Key, cached, default_cache_dir
+from tools.node.rootfs import base_rootfs, python_deps, run
 
 GUEST = Path(__file__).parent / "guest"
 PROJECT_PACKAGES = ("core", "updater")  # what a node runs: the agent and its core
@@ -33,7 +33,7 @@ NODE_DISK = "/dev/nvme0n1"  # the node disk is NVMe: the kernel's driver is buil
 Health = Literal["pass", "fail"]
 
 CONFIG = """\
-# Agent configuration of the ab-updater e2e test node (tests/e2e/node/release.py).
+# Agent configuration of the ab-updater e2e test node (tools/node/release.py).
 [repository]
 metadata_url = "file:///mnt/updates/metadata/"
 targets_url = "file:///mnt/updates/targets/"

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.node.cache import REPO, Key, cached, default_cache_dir
-from tests.e2e.node.rootfs import run
+from tools.node.cache import REPO, Key, cached, default_cache_dir
+from tools.node.rootfs import run
 
 LAYOUT = REPO / "partition-layouts" / "grub-efi-ab.toml"
 GRUB_SCRIPT = REPO / "partition-layouts" / "grub-efi-ab.cfg"
@@ -36,7 +36,7 @@ ESP_GRUBENV = "::/EFI/BOOT/grubenv"
 # reboot at once on a panic (QEMU's -no-reboot turns that into an exit).
 EXTRA_CMDLINE = "console=ttyS0,115200 panic=-1"
 EMBEDDED_CFG = f"""\
-# Embedded in BOOTX64.EFI by tests/e2e/node/disk.py: find the ESP by its grubenv and
+# Embedded in BOOTX64.EFI by tools/node/disk.py: find the ESP by its grubenv and
 # run the project's A/B script (in this memdisk, unchanged) against it.
 set pager=0
 insmod part_gpt
