@@ -1,6 +1,10 @@
-"""Build signed TUF repositories for tests and benchmarks, with the real signing tools.
+"""Build signed TUF repositories for tests, with the real signing tools.
 
-Repositories are made by `signing.repository` (the library behind `sign-release`) from
+The builders (`make_repo`, `add_release`, `publish`, `ImageSpec`) are those of
+`tools.examplerepo`, shared with the demo's node and the benchmarks (which import no
+test helper); this module adds what only tests need (images, digests, a server, a
+plain ngclient). Repositories are made by `signing.repository` (the library behind
+`sign-release`) from
 the INSECURE example keys in keys-example/ - the library refuses those unless told that
 this is a test, so every call here passes `allow_example_keys=True` (a test running the
 `sign-release` CLI sets `SIGN_RELEASE_ALLOW_EXAMPLE_KEYS=1` or `--allow-example-keys`);
@@ -24,73 +28,43 @@ import functools
 import hashlib
 import http.server
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]
 from tuf.ngclient.updater import Updater
 
-from signing import create
-from signing import repository as ops
+from tools.examplerepo import (
+    KEYS_DIR,
+    REPO_ROOT,
+    ROOT_JSON,
+    SNAPSHOT_KEY,
+    TARGETS_KEY,
+    TIMESTAMP_KEY,
+    ImageSpec,
+    add_release,
+    make_repo,
+    publish,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-KEYS_DIR = REPO_ROOT / "keys-example"
-ROOT_JSON = KEYS_DIR / "root.json"  # trusted root v1 for clients of helper-made repos
 ROOT_KEY = KEYS_DIR / "root"
-TARGETS_KEY = KEYS_DIR / "targets"
-SNAPSHOT_KEY = KEYS_DIR / "snapshot"
-TIMESTAMP_KEY = KEYS_DIR / "timestamp"
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """One image to add: a raw image file and its release fields."""
-
-    path: Path
-    version: str
-    role: str = "root"
-    hardware: tuple[str, ...] = ("x86_64-efi",)
-    channel: str = "stable"
-    compression: str = "zstd"  # zstd, xz, gzip or none
-
-    def release(self) -> ops.Release:
-        return ops.Release(
-            self.path, self.version, tuple(self.hardware), self.role, self.channel, self.compression
-        )
-
-
-def add_release(repo: Path, images: Sequence[ImageSpec]) -> list[str]:
-    """Stage `images` (signed with the example targets key); returns the target paths.
-    Call `publish(repo)` to make them visible to clients."""
-    paths: list[str] = []
-    for spec in images:
-        files = ops.add_release(repo, spec.release(), [str(TARGETS_KEY)], allow_example_keys=True)
-        paths.extend(tf.path for tf in files)
-    return paths
-
-
-def publish(repo: Path, expires: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Publish what is staged with a new snapshot and timestamp; returns the versions.
-    `expires` may set {"snapshot": days, "timestamp": days} (0 = already expired)."""
-    result = ops.publish(
-        repo,
-        [str(SNAPSHOT_KEY)],
-        [str(TIMESTAMP_KEY)],
-        expires=expires,
-        allow_example_keys=True,
-    )
-    return result.versions
-
-
-def make_repo(
-    dest: Path, images: Sequence[ImageSpec] = (), expires: Mapping[str, int] | None = None
-) -> Path:
-    """Create a published repository at `dest` (absent or empty) holding `images`."""
-    create.init_from_root(dest, ROOT_JSON, allow_example_keys=True)
-    add_release(dest, images)
-    publish(dest, expires)
-    return dest
+__all__ = [  # the repository builders are tools.examplerepo's (tools and bench use them too)
+    "KEYS_DIR",
+    "REPO_ROOT",
+    "ROOT_JSON",
+    "ROOT_KEY",
+    "SNAPSHOT_KEY",
+    "TARGETS_KEY",
+    "TIMESTAMP_KEY",
+    "ImageSpec",
+    "add_release",
+    "make_repo",
+    "ngclient_fetch_all",
+    "publish",
+    "serve",
+    "tree_digest",
+    "write_image",
+]
 
 
 def write_image(path: Path, size: int, seed: int = 0) -> Path:
