@@ -11,10 +11,10 @@ Every key is documented in docs/configuration.md. Invariants kept here:
 * relative paths are resolved against the directory of the config file, so a config
   and the files it names can be moved together (demos, tests, image builds);
 * hostile input is one `ConfigError` line too, never a traceback or a hang: the file is
-  read with `fsutil.read_regular` (a FIFO, device or directory is refused, the size is
-  bounded), TOML nested thousands deep is refused by `textparse.loads_toml`, no string
-  (path, URL, name, argv element) holds a NUL byte, every URL parses, and numbers of any
-  size are compared exactly and shown shortened.
+  read with `textparse.read_toml` (a FIFO, device or directory is refused, the size is
+  bounded, non-UTF-8 text and TOML nested thousands deep are refused), no string (path,
+  URL, name, argv element) holds a NUL byte, every URL parses, and numbers of any size
+  are compared exactly and shown shortened.
 
 Loading does no I/O besides reading the file itself: whether the partitions the slots
 name exist is checked where the disk is read (`blockdev.find_slot_partitions`).
@@ -31,9 +31,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import ConfigError
-from core.fsutil import read_regular
 from core.release import check_role
-from core.textparse import loads_toml
+from core.textparse import loads_toml, read_toml
 from updater.boot.registry import known_bootloaders
 from updater.slots import SLOTS
 
@@ -459,6 +458,20 @@ def parse_config(text: str, path: Path) -> Config:
         data = loads_toml(text)
     except ValueError as err:  # bad syntax, nesting thousands deep, an int of 5000 digits
         raise ConfigError(f"config {path}: not valid TOML: {err}") from err
+    return _config(data, path)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config file at `path` (a regular file, at most 1 MiB)."""
+    try:
+        data = read_toml(path, MAX_CONFIG_BYTES)
+    except ValueError as err:  # cannot read, not UTF-8, not TOML
+        raise ConfigError(f"config {path}: {err}") from err
+    return _config(data, path)
+
+
+def _config(data: dict[str, Any], path: Path) -> Config:
+    """The validated Config of the parsed TOML document `data` of the file `path`."""
     root = _Table(path, "", data)
     config = Config(
         path=path,
@@ -475,16 +488,3 @@ def parse_config(text: str, path: Path) -> Config:
         name = _shown_key(unknown[0])
         raise ConfigError(f"config {path}: [{name}]: unknown table (known: {known})")
     return config
-
-
-def load_config(path: Path) -> Config:
-    """Read and validate the config file at `path` (a regular file, at most 1 MiB)."""
-    try:
-        raw = read_regular(path, MAX_CONFIG_BYTES)
-    except OSError as err:
-        raise ConfigError(f"config {path}: cannot read: {err.strerror or err}") from err
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config {path}: not UTF-8 text: {err.reason}") from err
-    return parse_config(text, path)

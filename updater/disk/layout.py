@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import DeviceError, GPTError, LayoutError
-from core.fsutil import read_regular, replacing
-from core.textparse import loads_toml
+from core.fsutil import replacing
+from core.textparse import read_toml
 from updater.disk.gpt import (
     GptDisk,
     Partition,
@@ -129,17 +129,9 @@ def resolve_type(text: str) -> uuid.UUID:
 def load_layout(path: Path) -> Layout:
     """Read and check a layout file (everything that does not depend on the disk)."""
     try:
-        raw = read_regular(path, MAX_LAYOUT_BYTES)
-    except OSError as e:
-        raise LayoutError(f"{path}: cannot read layout: {e.strerror}") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LayoutError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from e
-    try:
-        doc = loads_toml(text)
-    except ValueError as e:
-        raise LayoutError(f"{path}: not valid TOML: {e}") from e
+        doc = read_toml(path, MAX_LAYOUT_BYTES, "layout")
+    except ValueError as e:  # cannot read, not UTF-8, not TOML
+        raise LayoutError(f"{path}: {e}") from e
     return layout_from_dict(doc, str(path))
 
 
