@@ -1,44 +1,64 @@
-"""Release metadata schema and the selection policy: which release a node installs.
+"""The release schema, declared once: what a signed release image is, and how targets
+group into releases.
 
 A release is the set of TUF targets that share one `custom.release.version`; each
-target is the image of one slot role (`root`, `boot`, ...). The schema of the custom
-field (DESIGN.md, "Trust"):
+target is the image of one slot role (`root`, `boot`, ...). The custom field of a
+target (DESIGN.md, "Trust"):
 
     {"release": {"version": "1.2.0", "hardware": ["x86_64-generic"], "channel": "stable",
                  "role": "root", "compression": "zstd", "raw_length": 123,
                  "raw_sha256": "<64 hex>"}}
 
+This module is the one declaration of it, imported by the signing tools (which write
+it), the agent and the mirror (which read it) and the test simulator:
+
+* the fields as a typed value, `ReleaseFields` (`from_target` / `from_custom` parse,
+  `to_custom` and `build_custom` write);
+* the version grammar (`parse_version`, `Version`), the role grammar (`check_role`), the
+  hardware and channel name rule (`check_name`), the compressions with their file
+  suffixes (`COMPRESSIONS`, `SUFFIXES`);
+* the rule for signed target paths (`check_target_path`) and the path builders: a release
+  image's target path (`target_path`) and where a consistent-snapshot repository
+  serves a target (`served_path`);
+* `releases`, the grouping of verified targets into releases that the agent's selection
+  policy (`updater.select`) and the mirror's plan start from.
+
 Invariants:
 
-* Pure: no I/O, no clock. Inputs are the *verified* targets of the trusted TUF targets
-  metadata (`core.repository.Repository.targets()`); outputs are plain data.
-* Malformed custom data never crashes selection: such a target is skipped (and logged),
-  and a version whose targets disagree (two images for one role) is skipped whole,
-  because the node cannot tell which image was meant.
-* Versions are compared as versions (`parse_version`), never as strings. Without an
-  explicit `want_version`, only upgrades are offered and versions that failed on this
-  node are skipped; an explicit `want_version` may retry a failed version, and may go
-  down or re-install only with `force`.
+* One parser: `ReleaseFields.from_target` is exactly what a node accepts. `sign-release
+  add` signs only a custom it parsed back with it, so the two cannot disagree.
+* A refused field raises `FieldError` (a ValueError) whose one-line message names the
+  field, the value and the rule; `releases` logs and skips such a target, never raises.
+* Pure: no I/O, no clock. tuf is imported for type checking only, so the agent's fast
+  commands can import the schema (`updater status` starts without tuf).
+* Versions are compared as versions (`parse_version`), never as strings; build
+  metadata is refused, so two different strings are never the same version.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import total_ordering
-from typing import Any
-
-# python-tuf documents tuf.api.metadata as the public home of TargetFile but does not
-# re-export it explicitly; mypy still resolves the real class (checked), hence the ignore.
-from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.errors import UpdateRejected
 
+if TYPE_CHECKING:
+    # python-tuf documents tuf.api.metadata as the home of TargetFile but does not
+    # re-export it explicitly; mypy still resolves the real class, hence the ignore.
+    from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
+
 logger = logging.getLogger(__name__)
 
-COMPRESSIONS = frozenset({"zstd", "xz", "gzip", "none"})
+# Compression name -> suffix of the target file name (`root.img.zst`).
+SUFFIXES: Mapping[str, str] = MappingProxyType(
+    {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}
+)
+COMPRESSIONS: tuple[str, ...] = tuple(SUFFIXES)
 
 # MAJOR.MINOR.PATCH, no leading zeros, optional dot-separated pre-release identifiers.
 # Build metadata (`+...`) is refused: it would make two different strings equal versions.
@@ -47,20 +67,55 @@ _VERSION_RE = re.compile(
     r"(?:-((?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
     r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?"
 )
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_VERSION_LEN = 128
+VERSION_RULE = (
+    f"MAJOR.MINOR.PATCH[-PRE] (semver without build metadata, at most {_MAX_VERSION_LEN} "
+    "characters)"
+)
 # A role names a partition of a slot (`root`, `boot`, ...) and is part of file names.
 ROLE_RULE = "a lowercase letter, then up to 31 of a-z, 0-9, '_' and '-'"
 _ROLE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-_MAX_VERSION_LEN = 128
+# Hardware and channel names: a hardware name is the first directory of target paths.
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_PATH_LEN = 1024
+_SHOWN = 100  # characters of a refused value quoted in a message
+
+
+class FieldError(ValueError):
+    """A release field breaks its rule. `field` names it (`version`, `hardware`, ...),
+    `value` is what was given and `rule` says what is allowed (after the value)."""
+
+    field: str = ""
+    value: object = None
+    rule: str = ""
+
+    def named(self, name: str) -> str:
+        """The message with the field called `name` (a command-line option, say)."""
+        return f"{name} {_show(self.value)} {self.rule}"
 
 
 class ReleaseRejected(UpdateRejected):
     """No acceptable release: unknown version, downgrade, wrong roles."""
 
 
-class VersionError(ReleaseRejected, ValueError):
-    """A version string is not `MAJOR.MINOR.PATCH[-PRERELEASE]` (also a ValueError)."""
+class VersionError(ReleaseRejected, FieldError):
+    """A version string is not `MAJOR.MINOR.PATCH[-PRE]` (also a ValueError)."""
+
+
+_E = TypeVar("_E", bound=FieldError)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _refuse(cls: type[_E], field: str, value: object, rule: str, text: str | None = None) -> _E:
+    err = cls(text or f"{field} {_show(value)} {rule}")
+    err.field, err.value, err.rule = field, value, rule
+    return err
 
 
 @total_ordering
@@ -93,13 +148,20 @@ class Version:
         return self.text
 
 
-def parse_version(text: str) -> Version:
+def parse_version(text: object) -> Version:
     """Parse `1.2.0` or `1.2.0-rc.1`; raise `VersionError` (a ValueError) otherwise."""
-    if not isinstance(text, str) or len(text) > _MAX_VERSION_LEN:
-        raise VersionError(f"invalid version {text!r}: not a string of at most 128 chars")
-    m = _VERSION_RE.fullmatch(text)
-    if m is None:
-        raise VersionError(f"invalid version {text!r}: expected MAJOR.MINOR.PATCH[-PRE]")
+    m = None
+    if isinstance(text, str) and len(text) <= _MAX_VERSION_LEN:
+        m = _VERSION_RE.fullmatch(text)
+    if not isinstance(text, str) or m is None:
+        shown = _show(text)
+        raise _refuse(
+            VersionError,
+            "version",
+            text,
+            f"is not {VERSION_RULE}",
+            f"invalid version {shown}: expected {VERSION_RULE}",
+        )
     pre: tuple[str | int, ...] = ()
     if m.group(4):
         pre = tuple(int(p) if p.isdigit() else p for p in m.group(4).split("."))
@@ -107,33 +169,144 @@ def parse_version(text: str) -> Version:
 
 
 def check_role(role: object) -> str:
-    """`role` if it is a valid role name; ValueError naming the rule otherwise."""
+    """`role` if it is a valid role name; `FieldError` naming the rule otherwise."""
     if not isinstance(role, str) or not _ROLE_RE.fullmatch(role):
-        raise ValueError(f"role {role!r} is not a valid role name ({ROLE_RULE})")
+        raise _refuse(FieldError, "role", role, f"is not a valid role name ({ROLE_RULE})")
     return role
 
 
+def check_name(field: str, name: object) -> str:
+    """`name` if it is a valid hardware or channel name (`field` says which)."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise _refuse(FieldError, field, name, f"is not a valid name ({NAME_RULE})")
+    return name
+
+
 def check_target_path(path: object) -> str:
-    """`path` if it is safe to use below a directory; ValueError naming the rule otherwise.
+    """`path` if it is safe to use below a directory; `FieldError` naming the rule.
 
     A signed target path is still untrusted input: the agent, the mirror and the
     signing tools join it to directories. It must be relative, its `/`-separated
     components must be non-empty and not `.` or `..`, and it must hold no control
     characters (which includes NUL) and no backslash.
     """
+    field = "target path"
     if not isinstance(path, str) or not path:
-        raise ValueError(f"target path {path!r} is not a non-empty string")
+        raise _refuse(FieldError, field, path, "is not a non-empty string")
     if len(path) > _MAX_PATH_LEN:
-        raise ValueError(f"target path {path[:40]!r}... is longer than {_MAX_PATH_LEN} characters")
+        raise _refuse(FieldError, field, path, f"is longer than {_MAX_PATH_LEN} characters")
     if path.startswith("/"):
-        raise ValueError(f"target path {path!r} is absolute")
+        raise _refuse(FieldError, field, path, "is absolute")
     bad = next((c for c in path if ord(c) < 0x20 or ord(c) == 0x7F or c == "\\"), None)
     if bad is not None:
-        raise ValueError(f"target path {path!r} contains the character {bad!r}")
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
-            raise ValueError(f"target path {path!r} has an empty, '.' or '..' component")
+        raise _refuse(FieldError, field, path, f"contains the character {bad!r}")
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise _refuse(FieldError, field, path, "has an empty, '.' or '..' component")
     return path
+
+
+def target_path(hardware: str, version: str, role: str, compression: str) -> str:
+    """The target path of a release image: `<hardware>/<version>/<role>.img<suffix>`."""
+    return f"{hardware}/{version}/{role}.img{SUFFIXES[compression]}"
+
+
+def served_path(path: str, digest: str) -> str:
+    """Where a consistent-snapshot repository serves target `path` whose hash is
+    `digest`: `<dir>/<digest>.<basename>` (TUF specification, "consistent snapshots")."""
+    dirname, sep, basename = path.rpartition("/")
+    return f"{dirname}{sep}{digest}.{basename}"
+
+
+def served_digest(name: str) -> str:
+    """The digest a served file name `<digest>.<basename>` starts with."""
+    return name.split(".", 1)[0]
+
+
+def build_custom(
+    *,
+    version: str,
+    hardware: Sequence[str],
+    channel: str,
+    role: str,
+    compression: str,
+    raw_length: int,
+    raw_sha256: str,
+) -> dict[str, Any]:
+    """The `custom` field of a target, unchecked (`ReleaseFields.from_custom` checks)."""
+    return {
+        "release": {
+            "version": version,
+            "hardware": list(hardware),
+            "channel": channel,
+            "role": role,
+            "compression": compression,
+            "raw_length": raw_length,
+            "raw_sha256": raw_sha256,
+        }
+    }
+
+
+@dataclass(frozen=True)
+class ReleaseFields:
+    """The `custom.release` of one target, parsed: every field obeys its rule."""
+
+    version: Version
+    hardware: tuple[str, ...]
+    channel: str
+    role: str
+    compression: str
+    raw_length: int
+    raw_sha256: str
+
+    @classmethod
+    def from_target(cls, path: str, target: TargetFile) -> ReleaseFields:
+        """What a node accepts: a safe target path and a valid custom (`FieldError`)."""
+        check_target_path(path)
+        return cls.from_custom(target.custom)
+
+    @classmethod
+    def from_custom(cls, custom: object) -> ReleaseFields:
+        """Parse a target's `custom`; `FieldError` naming the first field that is wrong."""
+        rel = custom.get("release") if isinstance(custom, dict) else None
+        if not isinstance(rel, dict):
+            raise _refuse(FieldError, "release", custom, "is not a custom.release object")
+        version = parse_version(rel.get("version"))
+        hardware = rel.get("hardware")
+        if not isinstance(hardware, list) or not hardware:
+            raise _refuse(FieldError, "hardware", hardware, "is not a non-empty list of names")
+        for name in hardware:
+            check_name("hardware", name)
+        channel = check_name("channel", rel.get("channel"))
+        role = check_role(rel.get("role"))
+        compression = rel.get("compression")
+        if not isinstance(compression, str) or compression not in SUFFIXES:
+            rule = f"is not one of {', '.join(sorted(SUFFIXES))}"
+            raise _refuse(FieldError, "compression", compression, rule)
+        raw_length = rel.get("raw_length")
+        # bool is an int subclass; `true` is not a length.
+        if not isinstance(raw_length, int) or isinstance(raw_length, bool) or raw_length <= 0:
+            rule = "is not a positive integer (an image is never empty)"
+            raise _refuse(FieldError, "raw_length", raw_length, rule)
+        raw_sha256 = rel.get("raw_sha256")
+        if not isinstance(raw_sha256, str) or not _SHA256_RE.fullmatch(raw_sha256):
+            raise _refuse(FieldError, "raw_sha256", raw_sha256, "is not 64 lowercase hex digits")
+        return cls(version, tuple(hardware), channel, role, compression, raw_length, raw_sha256)
+
+    def to_custom(self) -> dict[str, Any]:
+        """The `custom` field these values are parsed from (`from_custom`'s inverse)."""
+        return build_custom(
+            version=self.version.text,
+            hardware=self.hardware,
+            channel=self.channel,
+            role=self.role,
+            compression=self.compression,
+            raw_length=self.raw_length,
+            raw_sha256=self.raw_sha256,
+        )
+
+    def target_path(self, hardware: str) -> str:
+        """This image's target path for one of its hardware names."""
+        return target_path(hardware, self.version.text, self.role, self.compression)
 
 
 @dataclass(frozen=True)
@@ -161,139 +334,47 @@ class Release:
         return parse_version(self.version)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    version: Version
-    hardware: tuple[str, ...]
-    channel: str
-    image: Image
-
-
-def _parse_custom(path: str, target: TargetFile) -> _Entry:
-    """Validate one target's `custom.release`; raise ValueError naming the problem."""
-    check_target_path(path)
-    custom: Any = target.custom
-    rel = custom.get("release") if isinstance(custom, dict) else None
-    if not isinstance(rel, dict):
-        raise ValueError("no custom.release object")
-    version_text = rel.get("version")
-    if not isinstance(version_text, str):
-        raise ValueError("version is not a string")
-    version = parse_version(version_text)
-    hardware = rel.get("hardware")
-    if not (
-        isinstance(hardware, list) and hardware and all(isinstance(h, str) and h for h in hardware)
-    ):
-        raise ValueError("hardware is not a non-empty list of strings")
-    channel, role = rel.get("channel"), rel.get("role")
-    if not isinstance(channel, str) or not channel:
-        raise ValueError("channel is not a non-empty string")
-    role = check_role(role)
-    compression = rel.get("compression")
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression {compression!r} is not one of {sorted(COMPRESSIONS)}")
-    raw_length = rel.get("raw_length")
-    # bool is an int subclass; `true` is not a length.
-    if not isinstance(raw_length, int) or isinstance(raw_length, bool) or raw_length <= 0:
-        raise ValueError("raw_length is not a positive integer (an image is never empty)")
-    raw_sha256 = rel.get("raw_sha256")
-    if not isinstance(raw_sha256, str) or not _SHA256_RE.fullmatch(raw_sha256):
-        raise ValueError("raw_sha256 is not 64 lowercase hex digits")
-    image = Image(role, path, target, compression, raw_length, raw_sha256)
-    return _Entry(version, tuple(hardware), channel, image)
-
-
 def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> list[Release]:
     """Releases for `hardware` on `channel`, oldest first.
 
     Targets with malformed custom release data are skipped; a version with two images
-    for the same role is skipped whole (ambiguous). Both are logged, never raised.
+    for the same role is skipped whole (ambiguous: the node cannot tell which image was
+    meant). Both are logged, never raised.
     """
     by_version: dict[Version, dict[str, Image]] = {}
     ambiguous: set[Version] = set()
     for path in sorted(targets):
         try:
-            entry = _parse_custom(path, targets[path])
+            fields = ReleaseFields.from_target(path, targets[path])
         except ValueError as err:
             logger.warning("skipping target %s: malformed custom release data: %s", path, err)
             continue
-        if hardware not in entry.hardware or entry.channel != channel:
+        if hardware not in fields.hardware or fields.channel != channel:
             continue
-        images = by_version.setdefault(entry.version, {})
-        if entry.image.role in images:
+        image = Image(
+            fields.role,
+            path,
+            targets[path],
+            fields.compression,
+            fields.raw_length,
+            fields.raw_sha256,
+        )
+        images = by_version.setdefault(fields.version, {})
+        if image.role in images:
             logger.warning(
                 "skipping version %s: two images for role %s (%s, %s)",
-                entry.version,
-                entry.image.role,
-                images[entry.image.role].path,
+                fields.version,
+                image.role,
+                images[image.role].path,
                 path,
             )
-            ambiguous.add(entry.version)
-        images[entry.image.role] = entry.image
+            ambiguous.add(fields.version)
+        images[image.role] = image
     return [
         Release(version.text, channel, dict(sorted(images.items())))
         for version, images in sorted(by_version.items())
         if version not in ambiguous
     ]
-
-
-def select(
-    targets: Mapping[str, TargetFile],
-    *,
-    hardware: str,
-    channel: str,
-    installed_version: str | None,
-    failed_versions: Collection[str],
-    want_version: str | None = None,
-    force: bool = False,
-) -> Release | None:
-    """The release to install, or None when there is nothing newer.
-
-    Without `want_version`: the newest version strictly greater than
-    `installed_version` that is not in `failed_versions` (`force` does not apply).
-    With `want_version`: exactly that version, even a failed one (an explicit request
-    is a deliberate retry); a version <= the installed one raises `ReleaseRejected`
-    ("downgrade") unless `force`. A `want_version` that does not exist for this
-    hardware and channel raises `ReleaseRejected` naming the versions that do.
-    An unparsable `installed_version` raises `VersionError`.
-    """
-    available = releases(targets, hardware, channel)
-    installed = None
-    if installed_version is not None:
-        try:
-            installed = parse_version(installed_version)
-        except VersionError as e:
-            raise VersionError(f"installed version: {e}") from e
-    if want_version is not None:
-        chosen = next((r for r in available if r.version == want_version), None)
-        if chosen is None:
-            names = ", ".join(r.version for r in available) or "none"
-            raise ReleaseRejected(
-                f"version {want_version} is not available for hardware {hardware} "
-                f"on channel {channel}; available: {names}"
-            )
-        if installed is not None and chosen.parsed_version <= installed and not force:
-            word = "re-install" if chosen.parsed_version == installed else "downgrade"
-            raise ReleaseRejected(
-                f"refusing {word} from {installed} to {chosen.version} "
-                f"(hardware {hardware}, channel {channel}); use force to allow it"
-            )
-        return chosen
-    failed = {_maybe_version(v) for v in failed_versions} - {None}
-    for release in reversed(available):
-        version = release.parsed_version
-        if installed is not None and version <= installed:
-            return None
-        if version not in failed:
-            return release
-    return None
-
-
-def _maybe_version(text: str) -> Version | None:
-    try:
-        return parse_version(text)
-    except VersionError:
-        return None
 
 
 def check_roles(release: Release, roles: Collection[str]) -> None:

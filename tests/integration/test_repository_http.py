@@ -23,6 +23,7 @@ from core.repository import (
 )
 from tests.reposim import RepositorySimulator, release_custom
 from tests.signing_helpers import ROOT_JSON, ImageSpec, make_repo, write_image
+from updater.select import select
 
 if TYPE_CHECKING:  # the http_server fixture comes from tests/conftest.py
     from tests.httpserver import HTTPTestServer
@@ -233,7 +234,7 @@ def test_repository_built_by_the_signing_tools(http_server: HTTPTestServer, tmp_
         allow_example_keys=True,  # a test: the repository is signed with keys-example/
     )
     targets = repo.targets()
-    chosen = release.select(
+    chosen = select(
         targets,
         hardware="x86_64-efi",
         channel="stable",

@@ -1,4 +1,5 @@
-"""core.release: version parsing and ordering, grouping targets, the selection policy."""
+"""core.release (version parsing and ordering, grouping targets) and the agent's selection
+policy over it (updater.select)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from core import release
 from core.errors import UpdateRejected
 from core.release import ReleaseRejected, VersionError, parse_version
 from tests.reposim import release_custom
+from updater.select import select
 
 HW = "x86_64-generic"
 
@@ -53,7 +55,7 @@ def pick(targets: dict[str, TargetFile] = STD, **kw: Any) -> str | None:
         "failed_versions": (),
     }
     args.update(kw)
-    chosen = release.select(targets, **args)
+    chosen = select(targets, **args)
     return None if chosen is None else chosen.version
 
 
@@ -137,6 +139,13 @@ GOOD = release_custom("1.0.0")["release"]
         {"release": {**GOOD, "raw_length": True}},
         {"release": {**GOOD, "raw_sha256": "ABC"}},
         {"release": {k: v for k, v in GOOD.items() if k != "role"}},
+        # Hardware and channel names follow the one name rule of the schema.
+        {"release": {**GOOD, "hardware": [HW, "a/b"]}},
+        {"release": {**GOOD, "hardware": [HW, ""]}},
+        {"release": {**GOOD, "hardware": [HW, "x" * 65]}},
+        {"release": {**GOOD, "hardware": [HW, ".hidden"]}},
+        {"release": {**GOOD, "hardware": [HW, None]}},
+        {"release": {**GOOD, "compression": ["zstd"]}},
     ],
 )
 def test_malformed_custom_is_skipped_not_fatal(custom: Any) -> None:
@@ -270,3 +279,99 @@ def test_select_picks_the_maximum_upgrade(vs: list[str], installed: str | None) 
         if installed is None or parse_version(v) > parse_version(installed)
     ]
     assert chosen == (str(max(newer)) if newer else None)
+
+
+# --- the schema: one parser, one writer, one message per refused field ----------------
+
+NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True)
+FIELD_VALUES = st.fixed_dictionaries(
+    {
+        "version": versions,
+        "hardware": st.lists(NAMES, min_size=1, max_size=3),
+        "channel": NAMES,
+        "role": st.from_regex(r"[a-z][a-z0-9_-]{0,31}", fullmatch=True),
+        "compression": st.sampled_from(release.COMPRESSIONS),
+        "raw_length": st.integers(1, 2**64),
+        "raw_sha256": st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+    }
+)
+
+
+@given(FIELD_VALUES)
+def test_fields_round_trip(values: dict[str, Any]) -> None:
+    custom = release.build_custom(**values)
+    fields = release.ReleaseFields.from_custom(custom)
+    assert fields.to_custom() == custom
+    assert release.ReleaseFields.from_custom(fields.to_custom()) == fields
+    assert fields.version.text == values["version"] and list(fields.hardware) == values["hardware"]
+    for hw in fields.hardware:
+        path = fields.target_path(hw)
+        assert release.check_target_path(path) == path
+        suffix = {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}[fields.compression]
+        assert path == f"{hw}/{values['version']}/{values['role']}.img{suffix}"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("version", "1.2.0+build.5", "MAJOR.MINOR.PATCH[-PRE]"),
+        ("version", "1.2.0\n", "MAJOR.MINOR.PATCH[-PRE]"),
+        ("hardware", ["a\x00b"], "letters, digits"),
+        ("hardware", "x86_64", "non-empty list of names"),
+        ("channel", "Stable Channel", "letters, digits"),
+        ("role", "root.fs", "a lowercase letter"),
+        ("compression", "lz4", "one of gzip, none, xz, zstd"),
+        ("raw_length", 0, "positive integer"),
+        ("raw_sha256", "0" * 63, "64 lowercase hex digits"),
+    ],
+)
+def test_a_refusal_names_the_field_and_the_rule(field: str, value: Any, rule: str) -> None:
+    custom = release_custom("1.0.0")
+    custom["release"][field] = value
+    with pytest.raises(release.FieldError) as info:
+        release.ReleaseFields.from_custom(custom)
+    err = info.value
+    shown = repr(value[0] if field == "hardware" and isinstance(value, list) else value)
+    assert err.field == field and rule in str(err) and shown in str(err)
+    assert "\n" not in str(err) and "\x00" not in str(err)
+    assert err.named("--x").startswith(f"--x {shown} ")
+
+
+def test_served_path_is_the_consistent_snapshot_name() -> None:
+    assert release.served_path("hw/1.0.0/root.img.zst", "ab") == "hw/1.0.0/ab.root.img.zst"
+    assert release.served_path("root.img", "ab") == "ab.root.img"
+    assert release.served_digest("ab.root.img.zst") == "ab"
+
+
+def test_the_schema_imports_no_tuf() -> None:
+    """The agent's fast commands import the schema: it must not pull tuf in."""
+    import subprocess
+    import sys
+
+    code = "import sys, core.release; print('tuf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+
+
+@given(st.sampled_from(sorted(GOOD)), JSON)
+def test_any_json_value_is_parsed_or_refused_naming_its_field(field: str, value: Any) -> None:
+    """Whatever JSON a target carries in a field, the parser returns or raises the one
+    FieldError naming that field - never another exception (a list as compression was a
+    TypeError out of `releases`)."""
+    custom = release_custom("1.0.0")
+    custom["release"][field] = value
+    try:
+        fields = release.ReleaseFields.from_custom(custom)
+    except release.FieldError as err:
+        assert err.field == field and "\n" not in str(err)
+        path = "x86_64-generic/1.0.0/root.img"
+        assert release.releases({path: target(path, custom)}, HW, "stable") == []
+    else:
+        assert fields.to_custom()["release"][field] == value

@@ -19,6 +19,7 @@ from core import release
 from core.repository import MetadataRejected, Repository, TargetRejected
 from tests.reposim import METADATA_URL, TARGETS_URL, RepositorySimulator, release_custom
 from tests.signing_helpers import KEYS_DIR
+from updater.select import select
 
 IMAGE = b"root filesystem image\n" * 100
 PATH = "x86_64-generic/1.0.0/root.img"
@@ -190,7 +191,7 @@ def test_wrong_software_target_for_other_hardware(
     sim.publish_targets()
     targets = client(sim, tmp_path).targets()
     assert len(targets) == 2
-    picked = release.select(
+    picked = select(
         targets,
         hardware="x86_64-generic",
         channel="stable",
@@ -199,7 +200,7 @@ def test_wrong_software_target_for_other_hardware(
     )
     assert picked is None
     with pytest.raises(release.ReleaseRejected, match=r"2\.0\.0 is not available.*x86_64"):
-        release.select(
+        select(
             targets,
             hardware="x86_64-generic",
             channel="stable",
