@@ -72,6 +72,7 @@ from core.fetcher import (
     within_deadline,
 )
 from core.fsutil import atomic_write, read_regular
+from core.release import served_path
 
 __all__ = [  # the fetcher's names are re-exported: callers import them from here
     "DownloadFailed",
@@ -360,8 +361,7 @@ class Repository:
         path = target.path
         if self._trusted().root.consistent_snapshot and self.config.prefix_targets_with_hash:
             digest = target.hashes.get("sha256") or next(iter(target.hashes.values()), "")
-            dirname, sep, basename = path.rpartition("/")
-            path = f"{dirname}{sep}{digest}.{basename}"
+            path = served_path(path, digest)
         return f"{self.targets_url.rstrip('/')}/{path}"
 
     def _open_at(self, url: str, offset: int, chunk_size: int) -> Generator[bytes, None, None]:

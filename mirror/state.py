@@ -29,6 +29,7 @@ from tuf.api.serialization import DeserializationError
 
 from core.errors import ConfigError
 from core.fsutil import atomic_write, fsync_dir
+from core.release import served_digest
 from core.repository import Repository
 from mirror.store import MirrorDir, MirrorError, MirrorRejected, below
 
@@ -182,7 +183,7 @@ def export(
 
 def _copy_verified(src: Path, dest: Path) -> int:
     """Copy src -> dest atomically; an image's sha256 must match its name's prefix."""
-    expect = src.name.split(".", 1)[0] if src.parent.name != "metadata" else None
+    expect = served_digest(src.name) if src.parent.name != "metadata" else None
     h = hashlib.sha256()
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

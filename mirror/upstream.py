@@ -69,8 +69,7 @@ class Wanted:
 
     def url_path(self) -> str:
         """Where the image is below targets/ in a consistent-snapshot repository."""
-        dirname, sep, basename = self.path.rpartition("/")
-        return f"{dirname}{sep}{sha256_of(self.target)}.{basename}"
+        return release.served_path(self.path, sha256_of(self.target))
 
 
 def sha256_of(target: TargetFile) -> str:
@@ -96,15 +95,15 @@ def unsafe_targets(targets: Mapping[str, TargetFile]) -> dict[str, str]:
 
 
 def _pairs(targets: Mapping[str, TargetFile]) -> set[tuple[str, str]]:
-    """(hardware, channel) pairs named by targets; validation is left to release.releases."""
+    """(hardware, channel) pairs named by the targets a node accepts (the schema's
+    parser; `release.releases` logs the others when planning)."""
     pairs: set[tuple[str, str]] = set()
-    for target in targets.values():
-        rel = target.custom.get("release") if isinstance(target.custom, dict) else None
-        if not isinstance(rel, dict) or not isinstance(rel.get("channel"), str):
+    for path, target in targets.items():
+        try:
+            fields = release.ReleaseFields.from_target(path, target)
+        except ValueError:
             continue
-        hardware = rel.get("hardware")
-        if isinstance(hardware, list):
-            pairs.update((hw, rel["channel"]) for hw in hardware if isinstance(hw, str))
+        pairs.update((hw, fields.channel) for hw in fields.hardware)
     return pairs
 
 

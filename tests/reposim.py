@@ -36,6 +36,8 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient.fetcher import FetcherInterface
 
+from core import release
+
 HOST = "http://reposim.invalid"
 METADATA_URL = f"{HOST}/metadata/"
 TARGETS_URL = f"{HOST}/targets/"
@@ -50,19 +52,18 @@ def release_custom(
     compression: str = "none",
     raw: bytes = b"image",
 ) -> dict[str, Any]:
-    """A well-formed `custom` field for a release image (see DESIGN.md, "Trust");
-    `raw` is the image content it describes (never empty: nodes refuse empty images)."""
-    return {
-        "release": {
-            "version": version,
-            "hardware": list(hardware),
-            "channel": channel,
-            "role": role,
-            "compression": compression,
-            "raw_length": len(raw),
-            "raw_sha256": hashlib.sha256(raw).hexdigest(),
-        }
-    }
+    """The `custom` field of a release image (the schema's `core.release.build_custom`,
+    unchecked, so a test may describe what nodes refuse); `raw` is the image content it
+    describes."""
+    return release.build_custom(
+        version=version,
+        hardware=hardware,
+        channel=channel,
+        role=role,
+        compression=compression,
+        raw_length=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+    )
 
 
 class RepositorySimulator(FetcherInterface):
@@ -186,9 +187,7 @@ class RepositorySimulator(FetcherInterface):
         """Where a target's bytes live: `<dir>/<sha256>.<basename>` when consistent."""
         if not self.root.consistent_snapshot:
             return path
-        digest = self._info(path).hashes["sha256"]
-        dirname, sep, basename = path.rpartition("/")
-        return f"{dirname}{sep}{digest}.{basename}"
+        return release.served_path(path, self._info(path).hashes["sha256"])
 
     # --- FetcherInterface ------------------------------------------------------
 

@@ -13,12 +13,13 @@ import pytest
 from click.testing import CliRunner
 from tuf.api.metadata import Metadata, TargetFile  # type: ignore[attr-defined]
 
+from core import release
 from core.errors import ConfigError
 from core.repository import TargetRejected
+from mirror import expiry, metadata_files, plan_targets
 from mirror.cli import cli
 from mirror.server import Limits, byte_range, make_server, parse_bind
 from mirror.store import MirrorDir, MirrorError
-from mirror import expiry, metadata_files, plan_targets
 from tests.signing_helpers import ImageSpec, make_repo, write_image
 
 
@@ -29,19 +30,17 @@ def target(
     role: str = "root",
     sha: str | None = None,
 ) -> TargetFile:
-    path = f"{hardware}/{version}/{role}.img"
+    path = release.target_path(hardware, version, role, "none")
     digest = sha or hashlib.sha256(path.encode()).hexdigest()
-    custom: dict[str, Any] = {
-        "release": {
-            "version": version,
-            "hardware": [hardware],
-            "channel": channel,
-            "role": role,
-            "compression": "none",
-            "raw_length": 10,
-            "raw_sha256": "0" * 64,
-        }
-    }
+    custom = release.build_custom(
+        version=version,
+        hardware=[hardware],
+        channel=channel,
+        role=role,
+        compression="none",
+        raw_length=10,
+        raw_sha256="0" * 64,
+    )
     return TargetFile(10, {"sha256": digest}, path, unrecognized_fields={"custom": custom})
 
 
@@ -101,6 +100,17 @@ def test_plan_filters_and_skips_malformed() -> None:
     assert plan_targets(targets, channel="beta") == []
     with pytest.raises(ConfigError, match="--keep 0"):
         plan_targets(targets, keep=0)
+
+
+def test_plan_skips_what_nodes_skip() -> None:
+    # The schema's name rule: a node never installs these, so the mirror plans none.
+    targets = table(target("1.0.0"), target("1.1.0", channel="be ta"), target("1.2.0", "a b"))
+    assert versions(plan_targets(targets)) == [("x86_64-efi", "root", "1.0.0")]
+
+
+def test_wanted_url_path_is_the_served_path() -> None:
+    (wanted,) = plan_targets(table(target("1.0.0", sha="ab" * 32)))
+    assert wanted.url_path() == f"x86_64-efi/1.0.0/{'ab' * 32}.root.img"
 
 
 def test_wanted_needs_a_sha256() -> None:
