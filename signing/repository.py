@@ -3,27 +3,29 @@
 
 Each operation validates everything first - keys, roles, thresholds, versions, expiry,
 the image - and only then writes; so bad input leaves the repository as it was. A
-release is refused unless a node would install it (the node's own rules, in
-`core.release`). The INSECURE keys of keys-example/ sign, or are added to a root,
-only with `allow_example_keys=True` (demos and tests; `signing.roles`). Writes are
-atomic file by file (`core.fsutil`); `publish` writes versioned files first and
-`timestamp.json` last, so a node sees either the old or the new repository; a publish
-killed half-way is completed by the next command (`signing.store`).
+release is refused unless a node would install it: `add` signs only a custom it parsed
+back with the node's own parser (`core.release`, the release schema). The INSECURE
+keys of keys-example/ sign, or are added to a root, only with `allow_example_keys=True`
+(demos and tests; `signing.roles`). Writes are atomic file by file (`core.fsutil`);
+`publish` writes versioned files first and `timestamp.json` last, so a node sees either
+the old or the new repository; a publish killed half-way is completed by the next
+command (`signing.store`).
 
 Offline roles (root, targets) are edited in `staged/` and signed there, one signature
 at a time if need be (`sign`); `publish` refuses until every staged role reaches its
 threshold, then adds a new snapshot and timestamp signed with the online keys.
 
-A release image becomes one target per hardware name: `<hardware>/<version>/<role>.img
-<.zst|.xz|.gz>`, whose `custom.release.hardware` is `[<hardware>]`; the stored file is
-written once and hard-linked into each hardware directory.
+A release image becomes one target per hardware name (`core.release.target_path`:
+`<hardware>/<version>/<role>.img<.zst|.xz|.gz>`), whose `custom.release.hardware` is
+`[<hardware>]`; the stored file is written once and hard-linked into each hardware
+directory, at the path a consistent-snapshot repository serves (`core.release.
+served_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,8 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 )
 
 from core.fsutil import fsync_dir, makedirs_durable, temp_file
-from core.release import VersionError, check_role, check_target_path, parse_version
-from signing.compress import COMPRESSIONS, SUFFIX, compress_stream
+from core.release import FieldError, ReleaseFields, build_custom, served_path, target_path
+from signing.compress import StoredImage, compress_stream
 from signing.errors import (
     RepositoryIOError,
     RepositoryStateError,
@@ -69,10 +71,17 @@ from signing.store import (
     to_bytes,
 )
 
-# Hardware and channel names: they become directory names of target paths.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-EMPTY_IMAGE = "empty (0 bytes); nodes refuse an image whose raw_length is not positive"
-NAME_RULE = "use letters, digits, '.', '_' and '-', starting with a letter or digit (max 64)"
+# A stand-in raw_sha256 while only the image's size is known: a valid value, so the
+# check before compressing refuses exactly what the final custom would be refused for.
+_UNKNOWN_SHA256 = "0" * 64
+# The `sign-release add` option that sets each release field.
+_OPTIONS = {
+    "version": "--version",
+    "hardware": "--hardware",
+    "channel": "--channel",
+    "role": "--role",
+    "compression": "--compress",
+}
 
 
 @dataclass(frozen=True)
@@ -87,40 +96,44 @@ class Release:
     compression: str = "zstd"
 
     def validate(self) -> None:
-        """Refuse anything a node would not install, by the node's own rules
-        (`core.release`): version, role, target paths, a non-empty image."""
-        try:
-            parse_version(self.version)
-        except VersionError as e:
-            raise SigningError(f"--version: {e}, the form nodes accept") from e
-        try:
-            check_role(self.role)
-        except ValueError as e:
-            raise SigningError(f"--role: {e}") from e
+        """Refuse anything a node would not install: each target `add` would sign is
+        built (with the image's size) and parsed back with the node's own parser
+        (`core.ReleaseFields.from_target`), so what `add` accepts is what a
+        node accepts, by construction. One line names the option and the rule."""
         if not self.hardware:
             raise SigningError("give at least one --hardware")
-        for what, value in [("channel", self.channel)] + [("hardware", h) for h in self.hardware]:
-            if not NAME_RE.fullmatch(value):
-                raise SigningError(f"--{what} {value!r}: {NAME_RULE}")
         if len(set(self.hardware)) != len(self.hardware):
             raise SigningError(f"--hardware repeated: {', '.join(self.hardware)}")
-        if self.compression not in COMPRESSIONS:
-            raise SigningError(
-                f"compression {self.compression!r}: use one of {', '.join(COMPRESSIONS)}"
-            )
-        for hw in self.hardware:
-            try:
-                check_target_path(self.target_path(hw))
-            except ValueError as e:
-                raise SigningError(f"hardware {hw}: {e}") from e
         if not self.image.is_file():
             why = "no such file" if not self.image.exists() else "not a regular file"
             raise SigningError(f"image {self.image}: {why}")
-        if self.image.stat().st_size == 0:
-            raise SigningError(f"image {self.image}: {EMPTY_IMAGE}")
+        size = self.image.stat().st_size
+        for hw in self.hardware:
+            self.target_file(hw, StoredImage(size, _UNKNOWN_SHA256, 0, _UNKNOWN_SHA256))
+
+    def target_file(self, hardware: str, stored: StoredImage) -> TargetFile:
+        """The target `add` signs for `hardware`, once the node's parser accepted it."""
+        custom = build_custom(
+            version=self.version,
+            hardware=[hardware],
+            channel=self.channel,
+            role=self.role,
+            compression=self.compression,
+            raw_length=stored.raw_length,
+            raw_sha256=stored.raw_sha256,
+        )
+        try:
+            path = ReleaseFields.from_custom(custom).target_path(hardware)
+            target = TargetFile(stored.length, {"sha256": stored.sha256}, path, {"custom": custom})
+            ReleaseFields.from_target(target.path, target)
+        except FieldError as e:
+            if e.field in _OPTIONS:
+                raise SigningError(e.named(_OPTIONS[e.field])) from e
+            raise SigningError(f"image {self.image}: {e}") from e
+        return target
 
     def target_path(self, hardware: str) -> str:
-        return f"{hardware}/{self.version}/{self.role}.img{SUFFIX[self.compression]}"
+        return target_path(hardware, self.version, self.role, self.compression)
 
 
 @dataclass
@@ -160,12 +173,7 @@ def add_release(
         published_paths = set(published.signed.targets) if published else set()
         for hw in release.hardware:
             for tpath, tf in targets.signed.targets.items():
-                info = (tf.custom or {}).get("release", {})
-                if tpath == release.target_path(hw) or (
-                    info.get("version") == release.version
-                    and info.get("role") == release.role
-                    and hw in info.get("hardware", [])
-                ):
+                if tpath == release.target_path(hw) or _same_image(tpath, tf, release, hw):
                     where = "published" if tpath in published_paths else "staged"
                     raise RepositoryStateError(
                         f"version {release.version} of role {release.role} for hardware {hw} "
@@ -190,41 +198,38 @@ def add_release(
         return files
 
 
+def _same_image(path: str, target: TargetFile, release: Release, hardware: str) -> bool:
+    """Whether a listed target is the image of `release`'s version and role for `hardware`
+    (as a node reads it: a target a node skips is no release)."""
+    try:
+        fields = ReleaseFields.from_target(path, target)
+    except ValueError:
+        return False
+    return (
+        fields.version.text == release.version
+        and fields.role == release.role
+        and hardware in fields.hardware
+    )
+
+
 def _store_image(store: Store, release: Release, created: list[Path]) -> list[TargetFile]:
     """Compress the image once, then link it into each hardware's target directory."""
     try:
         with release.image.open("rb") as src, temp_file(store.targets_dir) as (dst, tmp):
             raw_size = os.fstat(src.fileno()).st_size
             stored = compress_stream(src, dst, release.compression, raw_size)
-            if stored.raw_length == 0:  # emptied since validate()
-                raise SigningError(f"image {release.image}: {EMPTY_IMAGE}")
+            # Parsed again with what was really read (the image may have changed).
+            files = [release.target_file(hw, stored) for hw in release.hardware]
             dst.flush()
             os.fsync(dst.fileno())
             failpoint("add-compressed")
-            files = []
-            for hw in release.hardware:
-                tpath = release.target_path(hw)
-                directory, name = os.path.split(tpath)
-                final = store.targets_dir / directory / f"{stored.sha256}.{name}"
+            for tf in files:
+                final = store.targets_dir / served_path(tf.path, stored.sha256)
                 makedirs_durable(final.parent)
                 if not final.exists():
                     os.link(tmp, final)
                     created.append(final)
                     fsync_dir(final.parent)
-                custom = {
-                    "release": {
-                        "version": release.version,
-                        "hardware": [hw],
-                        "channel": release.channel,
-                        "role": release.role,
-                        "compression": release.compression,
-                        "raw_length": stored.raw_length,
-                        "raw_sha256": stored.raw_sha256,
-                    }
-                }
-                files.append(
-                    TargetFile(stored.length, {"sha256": stored.sha256}, tpath, {"custom": custom})
-                )
             failpoint("add-linked")
             return files
     except OSError as e:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core.release import COMPRESSIONS
 from signing.cli import cli
-from signing.compress import COMPRESSIONS
 from signing.create import init_repository
 from signing.keys import generate_key, load_public_key
 from signing.repository import Release, add_release, publish
