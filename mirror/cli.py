@@ -1,8 +1,9 @@
 """`update-mirror`: the command line for air-gapped mirrors (verified sync, export, serve).
 
-Thin: each command parses options, calls one function of `mirror.upstream` (or
-`mirror.server`) and prints its result - text, or JSON with `--json`. Errors are
-`UpdaterError`s turned into one line and an exit code by `ErrorHandlingGroup`.
+Thin: each command parses options, calls one function of the `mirror` API (or
+`mirror.server`) and prints its result with `core.cli.emit` - text, or with `--json`
+(before or after the command) one JSON object. Errors are `UpdaterError`s turned into
+one line and their class's exit code by `core.cli.ProgramGroup`.
 """
 
 from __future__ import annotations
@@ -14,31 +15,15 @@ from typing import Any
 import click
 
 import mirror
-from core import __version__
-from core.cli import ErrorHandlingGroup, echo_json
+from core.cli import allow_example_keys_option, emit, program, trusted_root_option
 from mirror.server import Limits, make_server
 
-_root_option = click.option(
-    "--root",
-    "trusted_root",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The trusted root.json (the one the nodes ship).",
-)
-_example_keys_option = click.option(
-    "--allow-example-keys",
-    is_flag=True,
-    help="Trust a root naming a key of keys-example/ (published: demos and tests ONLY).",
-)
+_DIRECTORY = click.Path(file_okay=False, path_type=Path)
 
 
-@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="update-mirror")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@click.pass_context
-def cli(ctx: click.Context, as_json: bool) -> None:
+@program("update-mirror")
+def cli() -> None:
     """Mirror a signed update repository for sites without internet access."""
-    ctx.obj = {"json": as_json}
 
 
 def _expiry_lines(expiry: dict[str, dict[str, Any]]) -> list[str]:
@@ -63,25 +48,16 @@ def _release_lines(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _emit(ctx: click.Context, data: dict[str, Any], lines: list[str]) -> None:
-    if ctx.find_root().obj.get("json"):
-        echo_json(data)
-    else:
-        click.echo("\n".join(lines))
-
-
 @cli.command()
 @click.argument("metadata_url")
 @click.argument("targets_url")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@_root_option
+@click.argument("directory", type=_DIRECTORY)
+@trusted_root_option()
 @click.option("--hardware", multiple=True, help="Mirror only this hardware (repeatable).")
 @click.option("--channel", help="Mirror only this channel.")
 @click.option("--keep", type=int, help="Keep the N newest releases per hardware/role.")
-@_example_keys_option
-@click.pass_context
+@allow_example_keys_option()
 def sync(
-    ctx: click.Context,
     metadata_url: str,
     targets_url: str,
     directory: Path,
@@ -118,17 +94,14 @@ def sync(
         "expiry:",
         *_expiry_lines(result.expiry),
     ]
-    _emit(ctx, result.to_json(), lines)
+    emit(result.to_json(), lines)
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@_root_option
-@_example_keys_option
-@click.pass_context
-def verify(
-    ctx: click.Context, directory: Path, trusted_root: Path, allow_example_keys: bool
-) -> None:
+@click.argument("directory", type=_DIRECTORY)
+@trusted_root_option()
+@allow_example_keys_option()
+def verify(directory: Path, trusted_root: Path, allow_example_keys: bool) -> None:
     """Verify the served state from TRUSTED root, as a node would (metadata and images)."""
     data = mirror.verify(directory, trusted_root, allow_example_keys=allow_example_keys)
     lines = [
@@ -138,13 +111,12 @@ def verify(
         "expiry:",
         *_expiry_lines(data["expiry"]),
     ]
-    _emit(ctx, data, lines)
+    emit(data, lines)
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.pass_context
-def status(ctx: click.Context, directory: Path) -> None:
+@click.argument("directory", type=_DIRECTORY)
+def status(directory: Path) -> None:
     """Show the served state, its releases and each role's days left (no verification)."""
     data = mirror.status(directory)
     lines = [
@@ -154,18 +126,15 @@ def status(ctx: click.Context, directory: Path) -> None:
         "expiry:",
         *_expiry_lines(data["expiry"]),
     ]
-    _emit(ctx, data, lines)
+    emit(data, lines)
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=_DIRECTORY)
+@click.argument("dest", type=_DIRECTORY)
 @click.option("--hardware", help="Export only this hardware's images.")
 @click.option("--version", "version", help="Export only this release version.")
-@click.pass_context
-def export(
-    ctx: click.Context, directory: Path, dest: Path, hardware: str | None, version: str | None
-) -> None:
+def export(directory: Path, dest: Path, hardware: str | None, version: str | None) -> None:
     """Write a self-contained repository (metadata, images, README) to DEST."""
     data = mirror.export(directory, dest, hardware, version)
     lines = [
@@ -176,14 +145,14 @@ def export(
         *_expiry_lines(data["expiry"]),
         f"on a node: updater install --from {dest}",
     ]
-    _emit(ctx, data, lines)
+    emit(data, lines)
 
 
 _SECONDS = click.FloatRange(min=0, min_open=True)
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=_DIRECTORY)
 @click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
 @click.option(
     "--header-timeout",
@@ -213,7 +182,7 @@ def serve(
     logging.basicConfig(level=logging.WARNING)
     limits = Limits(idle_timeout=idle_timeout, header_timeout=header_timeout, workers=workers)
     server = make_server(directory, bind, limits)
-    click.echo(f"serving {directory} on {server.url}", err=False)
+    emit({"directory": str(directory), "url": server.url}, f"serving {directory} on {server.url}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -2,8 +2,9 @@
 
 Thin commands over `signing.repository` / `signing.keys`: parse options, build the
 passphrase and PIN sources (file, environment, terminal prompt - never an argument),
-call the library, print a short result. Errors from the library are `UpdaterError`s
-that `ErrorHandlingGroup` prints as one line with their exit code.
+call the library, print the result with `core.cli.emit` (a short text, or with --json
+before or after the command one JSON object). Errors from the library are
+`UpdaterError`s that `core.cli.ProgramGroup` prints as one line with their exit code.
 
 The group option `--allow-example-keys` (or `SIGN_RELEASE_ALLOW_EXAMPLE_KEYS=1`) is the
 one way to sign with, or trust, the INSECURE keys of keys-example/: every command that
@@ -20,11 +21,10 @@ from typing import Any, TypeVar
 
 import click
 
-from core import __version__
-from core.cli import ErrorHandlingGroup, echo_json
+from core.cli import allow_example_keys_option, emit, program, trusted_root_option
+from core.release import COMPRESSIONS
 from signing import create
 from signing import repository as repo_ops
-from signing.compress import COMPRESSIONS
 from signing.errors import KeyFileError, SigningError
 from signing.keys import (
     KEY_TYPES,
@@ -116,15 +116,17 @@ def _allow_example_keys() -> bool:
     return bool(obj.get("allow_example_keys")) if isinstance(obj, dict) else False
 
 
-@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="sign-release")
-@click.option(
-    "--allow-example-keys",
-    is_flag=True,
-    envvar=ALLOW_EXAMPLE_KEYS_ENV,
-    help="This is a demo or test: allow signing with (and trusting) the INSECURE, "
-    f"published keys of keys-example/. Also ${ALLOW_EXAMPLE_KEYS_ENV}=1.",
-)
+def _key_json(path: Path, key: Any) -> dict[str, Any]:
+    return {"path": str(path), "keytype": key.keytype, "scheme": key.scheme, "keyid": key.keyid}
+
+
+def _threshold_json(t: Any) -> dict[str, Any]:
+    return {"role": t.role, "signatures": len(t.signed), "threshold": t.threshold,
+            "missing": t.missing}  # fmt: skip
+
+
+@program("sign-release")
+@allow_example_keys_option(envvar=ALLOW_EXAMPLE_KEYS_ENV, signs=True)
 @click.pass_context
 def cli(ctx: click.Context, allow_example_keys: bool) -> None:
     """Sign OS images into a TUF repository that every node verifies."""
@@ -159,7 +161,7 @@ def keygen(path: Path, key_type: str, no_passphrase: bool, passphrase_file: Path
             f"{PASSPHRASE_ENV}, or --no-passphrase"
         )
     key = generate_key(path, key_type, passphrase)
-    click.echo(f"{path}: {key.keytype}/{key.scheme} keyid {key.keyid}")
+    emit(_key_json(path, key), f"{path}: {key.keytype}/{key.scheme} keyid {key.keyid}")
 
 
 @cli.command()
@@ -171,7 +173,7 @@ def pubkey(uri: str, out: Path) -> None:
         raise KeyFileError(f"{out}: already exists; refusing to overwrite a key")
     key = hsm_public_key(uri, _secrets(None).pins)
     write_public_key(out, key)
-    click.echo(f"{out}: {key.keytype}/{key.scheme} keyid {key.keyid}")
+    emit(_key_json(out, key), f"{out}: {key.keytype}/{key.scheme} keyid {key.keyid}")
 
 
 @cli.command()
@@ -219,7 +221,10 @@ def init(
             expires=_parse_expires(expires, ROLES),
             allow_example_keys=_allow_example_keys(),
         )
-        click.echo(f"{repo}: initialised from {from_root}; add releases, then publish")
+        emit(
+            {"repo": str(repo), "from_root": str(from_root)},
+            f"{repo}: initialised from {from_root}; add releases, then publish",
+        )
         return
     for name, given in (
         ("--root-key", root_key),
@@ -242,7 +247,7 @@ def init(
         secrets=_secrets(passphrase_file),
         allow_example_keys=_allow_example_keys(),
     )
-    click.echo(f"{repo}: initialised; add releases, then publish")
+    emit({"repo": str(repo), "from_root": None}, f"{repo}: initialised; add releases, then publish")
 
 
 @cli.command()
@@ -280,8 +285,10 @@ def add(
         secrets=_secrets(passphrase_file),
         allow_example_keys=_allow_example_keys(),
     )
-    for tf in files:
-        click.echo(f"staged {tf.path} ({tf.length} bytes, sha256 {tf.hashes['sha256']})")
+    emit(
+        {"staged": [{"path": tf.path, "length": tf.length, "hashes": tf.hashes} for tf in files]},
+        [f"staged {tf.path} ({tf.length} bytes, sha256 {tf.hashes['sha256']})" for tf in files],
+    )
 
 
 @cli.command()
@@ -311,9 +318,10 @@ def sign(
         secrets=_secrets(passphrase_file),
         allow_example_keys=_allow_example_keys(),
     )
-    click.echo(
+    emit(
+        _threshold_json(t),
         f"{role}: {len(t.signed)} of {t.threshold} signatures"
-        + (f", {t.missing} more needed" if t.missing else ", ready to publish")
+        + (f", {t.missing} more needed" if t.missing else ", ready to publish"),
     )
 
 
@@ -341,7 +349,10 @@ def publish(
         secrets=_secrets(passphrase_file),
         allow_example_keys=_allow_example_keys(),
     )
-    click.echo("published " + ", ".join(f"{r} v{v}" for r, v in result.versions.items()))
+    emit(
+        {"versions": result.versions},
+        "published " + ", ".join(f"{r} v{v}" for r, v in result.versions.items()),
+    )
 
 
 @cli.command()
@@ -363,7 +374,7 @@ def timestamp(
         secrets=_secrets(passphrase_file),
         allow_example_keys=_allow_example_keys(),
     )
-    click.echo(f"published timestamp v{version}")
+    emit({"versions": {"timestamp": version}}, f"published timestamp v{version}")
 
 
 @cli.command()
@@ -403,42 +414,35 @@ def rotate(
         secrets=_secrets(passphrase_file),
         allow_example_keys=_allow_example_keys(),
     )
-    click.echo(
+    emit(
+        {**_threshold_json(t), "targets_staged": role == "targets"},
         f"staged new root: {len(t.signed)} of {t.threshold} signatures from its keys"
-        + ("; targets staged, re-sign it with its new keys" if role == "targets" else "")
+        + ("; targets staged, re-sign it with its new keys" if role == "targets" else ""),
     )
 
 
 @cli.command()
 @click.argument("repo", type=PathArg)
-@click.option("--root", "root_json", type=PathArg, required=True, help="Trusted root.json.")
-@click.option("--json", "as_json", is_flag=True)
-def verify(repo: Path, root_json: Path, as_json: bool) -> None:
+@trusted_root_option(name="root_json")
+def verify(repo: Path, root_json: Path) -> None:
     """Verify REPO as a node would (ngclient); exit 0 only if everything is valid."""
     from signing.verify import verify_repository  # ngclient is slow to import; only here
 
     report = verify_repository(repo, root_json)
-    if as_json:
-        echo_json({"ok": True, **report.__dict__, "targets": list(report.targets)})
-        return
-    click.echo(
+    emit(
+        {"ok": True, **report.__dict__, "targets": list(report.targets)},
         f"OK: root v{report.root_version}, targets v{report.targets_version}, "
         f"snapshot v{report.snapshot_version}, timestamp v{report.timestamp_version}; "
-        f"{len(report.targets)} targets, {report.bytes_verified} bytes verified"
+        f"{len(report.targets)} targets, {report.bytes_verified} bytes verified",
     )
 
 
 @cli.command()
 @click.argument("repo", type=PathArg)
-@click.option("--json", "as_json", is_flag=True)
-def status(repo: Path, as_json: bool) -> None:
+def status(repo: Path) -> None:
     """Show each role's version, signatures vs threshold, keyids and expiry."""
     data = repository_status(repo)
-    if as_json:
-        echo_json(data)
-    else:
-        for line in format_status(data):
-            click.echo(line)
+    emit(data, format_status(data))
 
 
 def main() -> None:

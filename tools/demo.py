@@ -90,7 +90,8 @@ def layout_step() -> None:
         [UPDATER, "--json", "layout", "show", disk], capture_output=True, text=True, check=True
     )
     ours = [
-        (p["number"], p["first_lba"], p["last_lba"], p["name"]) for p in json.loads(quiet.stdout)
+        (p["number"], p["first_lba"], p["last_lba"], p["name"])
+        for p in json.loads(quiet.stdout)["partitions"]
     ]
     theirs = sgdisk_partitions(run(sgdisk, "-p", disk))
     for row in ours:

@@ -79,7 +79,9 @@ def test_apply_show_repair_through_the_console_script(tmp_path: Path) -> None:
     assert lines[3].split()[-3:] == ["1", "0", "1"]  # priority tries successful
 
     for argv in (("--json", "layout", "show", disk), ("layout", "show", "--json", disk)):
-        rows = json.loads(_run(*argv).stdout)
+        shown_json = json.loads(_run(*argv).stdout)  # one object: the disk and its partitions
+        assert shown_json["target"] == str(disk) and shown_json["damaged"] == []
+        rows = shown_json["partitions"]
         assert [r["name"] for r in rows] == ["esp", "root_a", "root_b", "data"]
         assert all(set(r) >= JSON_KEYS for r in rows)
         assert rows[1]["successful"] is True and rows[1]["priority"] == 1

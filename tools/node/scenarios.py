@@ -43,9 +43,10 @@ HEALTH = "updater health-check"
 INSTALL = "updater --json install"
 SLOT_PARTITION = {"A": "root_a", "B": "root_b"}
 GPT_INDEX = {"A": 2, "B": 3}  # partition-layouts/grub-efi-ab.toml (and gptprio-ab.toml)
+# A failed slot is an error (SlotFailed, exit 5): its line is `updater: error: <outcome>`.
 HEALTH_LINE = re.compile(
-    r"^(nothing|waiting-for-reboot|committed|rolled-back|fell-back|no-fallback|"
-    r"health check failed): slot ([AB])?"
+    r"^(?:updater: error: )?(nothing|waiting-for-reboot|committed|rolled-back|fell-back|"
+    r"no-fallback|health check failed): slot ([AB])?"
 )
 
 ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")

@@ -1,54 +1,47 @@
 """The agent's commands: status, check, install, activate, rollback, mark-good, mark-bad,
 health-check and daemon.
 
-Each command loads the config, builds an `Agent`, calls one method and prints the
-result: text for people, or with `updater --json` one JSON document per line on stdout
-(`install --json` adds `{"event": "progress", ...}` lines before its result). Errors are
-mapped to exit codes by `core.cli.ErrorHandlingGroup` (README, "Exit codes").
+Each command builds an `Agent` from the config, calls one method and prints the result
+with `core.cli.emit`; `install --json` prints `{"event": "progress", ...}` lines before
+its `{"event": "result", ...}`. Every command that changes the node takes `--wait`; the
+`Agent` takes the state directory's lock (`updater.lock`), the command only says
+whether to wait for it.
 
-Every command that changes the node takes `--wait`; the `Agent` itself takes the state
-directory's lock (`updater.lock`), the command only says whether to wait for it.
+Invariant: this module imports click and `updater.slots` only; the agent and its
+libraries are imported by `_agent`, when a command runs (fast start, see `updater.cli`).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from updater.agent import Agent, NoFallback, Progress
-from updater.config import load_config
-from updater.logsetup import setup_logging
+from core.cli import echo_json, emit, json_mode
 from updater.slots import SLOTS
 
-EXIT_ROLLED_BACK = 5
+if TYPE_CHECKING:
+    from updater.agent import Agent, Progress
 
-# Options used by more than one command, defined once.
+
+@dataclass(frozen=True)
+class Settings:
+    """The group's options, for every command (`ctx.obj`)."""
+
+    config_path: Path
+    verbose: bool = False
+
+
+# Options more than one command takes, defined once.
 from_option = click.option(
     "--from",
     "source",
     type=click.Path(file_okay=False, path_type=Path),
     help="A mounted medium holding a repository (metadata/ and targets/).",
-)
-
-
-def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    if value:
-        ctx.find_root().obj["json"] = True
-    return value
-
-
-# `updater status --json` means the same as `updater --json status`.
-json_option = click.option(
-    "--json",
-    is_flag=True,
-    expose_value=False,
-    callback=_set_json,
-    help="Print machine-readable JSON (same as `updater --json`).",
 )
 reboot_option = click.option(
     "--reboot", is_flag=True, help="Run the pre_reboot hook and reboot afterwards."
@@ -61,29 +54,24 @@ wait_option = click.option(
 
 
 def _agent(ctx: click.Context, *, wait: bool = False) -> Agent:
-    root = ctx.find_root()
-    setup_logging(verbose=bool(root.obj.get("verbose")))
-    return Agent(load_config(root.obj["config_path"]), wait=wait)
+    # Imported here, not at the top: the agent pulls in its libraries, and a command
+    # line that only asks for --help (or another group) must not pay for them.
+    from updater.agent import Agent
+    from updater.config import load_config
+    from updater.logsetup import setup_logging
+
+    settings = ctx.find_object(Settings)
+    assert settings is not None, "the updater group sets its Settings"
+    setup_logging(verbose=settings.verbose)
+    return Agent(load_config(settings.config_path), wait=wait)
 
 
-def _json(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().obj.get("json"))
-
-
-def _emit(ctx: click.Context, data: dict[str, Any], text: str) -> None:
-    if _json(ctx):
-        click.echo(json.dumps(data, sort_keys=True))
-    else:
-        click.echo(text)
-
-
-def _progress(ctx: click.Context) -> Progress | None:
+def _progress() -> Progress | None:
     """JSON lines with --json; a one-line bar on a terminal; nothing otherwise."""
-    if _json(ctx):
+    if json_mode():
 
         def as_json(role: str, done: int, total: int) -> None:
-            event = {"event": "progress", "role": role, "done": done, "total": total}
-            click.echo(json.dumps(event, sort_keys=True))
+            echo_json({"event": "progress", "role": role, "done": done, "total": total})
 
         return as_json
     if not sys.stderr.isatty():
@@ -131,7 +119,7 @@ def status(ctx: click.Context) -> None:
         lines.append(f"failed versions: {', '.join(data['failed_versions'])}")
     if data["last_error"]:
         lines.append(f"last error: {data['last_error']}")
-    _emit(ctx, data, "\n".join(lines))
+    emit(data, lines)
 
 
 @click.command()
@@ -145,7 +133,7 @@ def check(ctx: click.Context, source: Path | None) -> None:
         if data["update_available"]
         else f"up to date (running {data['current_version'] or 'unknown'})"
     )
-    _emit(ctx, data, text)
+    emit(data, text)
 
 
 @click.command()
@@ -174,7 +162,7 @@ def install(
         activate=not no_activate,
         reboot=not (no_reboot or no_activate),
         source=source,
-        progress=_progress(ctx),
+        progress=_progress(),
     )
     if result.version is None:
         text = "nothing to install: already running the newest release"
@@ -186,7 +174,7 @@ def install(
             text += f"; slot {result.slot} boots next"
         if result.rebooting:
             text += "; rebooting"
-    _emit(ctx, {"event": "result", **result.to_json()}, text)
+    emit({"event": "result", **result.to_json()}, text)
 
 
 @click.command()
@@ -197,7 +185,7 @@ def install(
 def activate(ctx: click.Context, slot: str, reboot: bool, wait: bool) -> None:
     """Boot SLOT next, with one try (it must hold a verified image)."""
     _agent(ctx, wait=wait).activate(slot, reboot=reboot)
-    _emit(ctx, {"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
+    emit({"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
 
 
 @click.command()
@@ -207,7 +195,7 @@ def activate(ctx: click.Context, slot: str, reboot: bool, wait: bool) -> None:
 def rollback(ctx: click.Context, reboot: bool, wait: bool) -> None:
     """Make the other (known good) slot primary again."""
     slot = _agent(ctx, wait=wait).rollback(reboot=reboot)
-    _emit(ctx, {"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
+    emit({"primary_slot": slot, "rebooting": reboot}, f"slot {slot} boots next")
 
 
 @click.command("mark-good")
@@ -216,7 +204,7 @@ def rollback(ctx: click.Context, reboot: bool, wait: bool) -> None:
 def mark_good(ctx: click.Context, wait: bool) -> None:
     """Commit the booted slot: the bootloader keeps booting it."""
     slot = _agent(ctx, wait=wait).mark_good()
-    _emit(ctx, {"slot": slot, "state": "good"}, f"slot {slot} marked good")
+    emit({"slot": slot, "state": "good"}, f"slot {slot} marked good")
 
 
 @click.command("mark-bad")
@@ -227,7 +215,7 @@ def mark_good(ctx: click.Context, wait: bool) -> None:
 def mark_bad(ctx: click.Context, slot: str | None, force: bool, wait: bool) -> None:
     """Invalidate SLOT (default: the booted one) so the bootloader will not boot it."""
     done = _agent(ctx, wait=wait).mark_bad(slot, force=force)
-    _emit(ctx, {"slot": done, "state": "bad"}, f"slot {done} marked bad")
+    emit({"slot": done, "state": "bad"}, f"slot {done} marked bad")
 
 
 @click.command("health-check")
@@ -235,16 +223,11 @@ def mark_bad(ctx: click.Context, slot: str | None, force: bool, wait: bool) -> N
 @wait_option
 @click.pass_context
 def health_check(ctx: click.Context, no_reboot: bool, wait: bool) -> None:
-    """After every boot: commit the booted slot if healthy, else roll back."""
-    agent = _agent(ctx, wait=wait)
-    try:
-        outcome = agent.health_check(reboot=not no_reboot)
-    except NoFallback as e:
-        _emit(ctx, {"action": "no-fallback", "detail": str(e)}, f"health check failed: {e}")
-        ctx.exit(EXIT_ROLLED_BACK)
-    _emit(ctx, outcome.to_json(), f"{outcome.action}: slot {outcome.slot}. {outcome.detail}")
-    if outcome.action in ("rolled-back", "fell-back"):
-        ctx.exit(EXIT_ROLLED_BACK)
+    """After every boot: commit the booted slot if healthy, else roll back (exit 5)."""
+    # A failed slot is the agent's SlotFailed (details: the outcome); the error handler
+    # prints it and exits 5.
+    outcome = _agent(ctx, wait=wait).health_check(reboot=not no_reboot)
+    emit(outcome.to_json(), f"{outcome.action}: slot {outcome.slot}. {outcome.detail}")
 
 
 @click.command()
@@ -257,17 +240,14 @@ def daemon(ctx: click.Context, once: bool, wait: bool) -> None:
     _agent(ctx, wait=wait).daemon(once=once)
 
 
-COMMANDS = [
-    json_option(command)
-    for command in (
-        status,
-        check,
-        install,
-        activate,
-        rollback,
-        mark_good,
-        mark_bad,
-        health_check,
-        daemon,
-    )
-]
+COMMANDS: tuple[click.Command, ...] = (
+    status,
+    check,
+    install,
+    activate,
+    rollback,
+    mark_good,
+    mark_bad,
+    health_check,
+    daemon,
+)

@@ -12,7 +12,9 @@ Invariants: the work is done by `core.repository.Repository`, exactly as the age
 does it (refresh, get_targetinfo, stream_target); the trust anchor after `init` is the
 cached `D/root.json`; a downloaded target appears in TD (named by its URL-quoted
 target path) only once every byte is verified (temp file + fsync + rename); the exit
-status is 0 on success and 1 on any failure, with one `error:` line on stderr.
+status is 0 on success and 1 on any failure, with one `updater tuf-client: error:` line
+on stderr (the group is a program of its own for `core.cli.ProgramGroup`). tuf and the
+repository code are imported when a command runs, not with `updater.cli`.
 """
 
 from __future__ import annotations
@@ -20,23 +22,28 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib import parse
 
 import click
-from tuf.api.exceptions import LengthOrHashMismatchError
 
+from core.cli import ProgramGroup
 from core.errors import ConfigError, UpdateFailed, UpdaterError
 from core.fsutil import atomic_write
-from core.repository import Repository
+
+if TYPE_CHECKING:
+    from core.repository import Repository
 
 
 def _fail_with_1(action: Callable[[], None]) -> None:
-    """Run `action`; the protocol wants exit status 1 for every expected failure."""
+    """Run `action`. CLIENT-CLI.md knows one failure status, 1 - the exit code of the
+    root class `UpdaterError` - so every expected failure is raised as that class."""
     try:
         action()
     except UpdaterError as err:
-        click.echo(f"updater tuf-client: error: {err}", err=True)
-        raise click.exceptions.Exit(1) from err
+        if type(err) is UpdaterError:
+            raise
+        raise UpdaterError(str(err)) from err
 
 
 def _need(value: object, option: str) -> None:
@@ -44,7 +51,7 @@ def _need(value: object, option: str) -> None:
         raise ConfigError(f"{option} is required for this command")
 
 
-@click.group("tuf-client")
+@click.group("tuf-client", cls=ProgramGroup)
 @click.option(
     "--metadata-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -87,6 +94,8 @@ def init(obj: dict[str, object], trusted_root: Path) -> None:
     assert isinstance(metadata_dir, Path)
 
     def bootstrap() -> None:
+        from core.repository import Repository
+
         # Constructing a Repository verifies the root (self-signed, threshold) and
         # writes it into the cache; no URL is contacted.
         Repository("", "", trusted_root, metadata_dir)
@@ -95,6 +104,8 @@ def init(obj: dict[str, object], trusted_root: Path) -> None:
 
 
 def _repository(obj: dict[str, object], targets_url: str = "") -> Repository:
+    from core.repository import Repository
+
     metadata_dir, metadata_url = obj["metadata_dir"], obj["metadata_url"]
     assert isinstance(metadata_dir, Path) and isinstance(metadata_url, str)
     _need(metadata_url, "--metadata-url")
@@ -116,6 +127,8 @@ def download(obj: dict[str, object]) -> None:
 
 
 def _download(obj: dict[str, object]) -> None:
+    from tuf.api.exceptions import LengthOrHashMismatchError
+
     name, base_url, target_dir = obj["target_name"], obj["target_base_url"], obj["target_dir"]
     assert isinstance(name, str) and isinstance(base_url, str)
     _need(name, "--target-name")

@@ -1,23 +1,29 @@
-"""`updater layout`: write a partition layout to a disk and show a disk's partitions.
+"""`updater layout`: write a partition layout to a disk and show or repair a disk's GPT.
 
 Thin: options are parsed here, the work is done by `updater.disk.layout` and
-`updater.disk.gpt`; their errors reach the user through `ErrorHandlingGroup`.
+`updater.disk.gpt` (imported when a command runs); their errors reach the user through
+the program's error handler (`core.cli.ProgramGroup`). With --json each command prints
+one object: `apply` what it wrote, `show` the disk and its `partitions`, `repair` what
+it repaired. Warnings and damage notes also go to stderr, for people.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from core.cli import ErrorHandlingGroup, echo_json
+from core.cli import JsonGroup, emit
 from core.errors import ConfigError
-from updater.disk.gpt import GptDisk, read_gpt, repair_gpt
-from updater.disk.layout import ALIAS_OF, apply_layout, load_layout, parse_size
+
+if TYPE_CHECKING:
+    from updater.disk.gpt import GptDisk
 
 
 def _size(value: str | None) -> int | None:
+    from updater.disk.layout import parse_size
+
     if value is None:
         return None
     try:
@@ -35,6 +41,8 @@ def _human(n: int) -> str:
 
 
 def _rows(disk: GptDisk) -> list[dict[str, Any]]:
+    from updater.disk.layout import ALIAS_OF
+
     return [
         {
             "number": p.number,
@@ -54,12 +62,7 @@ def _rows(disk: GptDisk) -> list[dict[str, Any]]:
     ]
 
 
-def _want_json(ctx: click.Context, flag: bool) -> bool:
-    obj = ctx.find_root().obj
-    return flag or (isinstance(obj, dict) and bool(obj.get("json")))
-
-
-@click.group(cls=ErrorHandlingGroup)
+@click.group(cls=JsonGroup)
 def layout() -> None:
     """Partition layouts: apply one to a disk or image file, show a disk's partitions."""
 
@@ -71,37 +74,56 @@ def layout() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing partition table.")
 def apply(layout_file: Path, target: Path, size: str | None, force: bool) -> None:
     """Write the GPT of LAYOUT (a .toml file) to TARGET (block device or image file)."""
+    from updater.disk.layout import apply_layout, load_layout
+
     spec = load_layout(layout_file)
     disk, notes = apply_layout(spec, target, size=_size(size), force=force)
     for note in notes:
         click.echo(f"warning: {note}", err=True)
-    click.echo(f"{target}: wrote {len(disk.partitions)} partitions from {layout_file}")
+    emit(
+        {
+            "target": str(target),
+            "layout": str(layout_file),
+            "partitions": len(disk.partitions),
+            "warnings": list(notes),
+        },
+        f"{target}: wrote {len(disk.partitions)} partitions from {layout_file}",
+    )
 
 
 @layout.command()
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of partitions.")
-@click.pass_context
-def show(ctx: click.Context, target: Path, as_json: bool) -> None:
+def show(target: Path) -> None:
     """Print TARGET's partitions and any damage found in its GPT."""
+    from updater.disk.gpt import read_gpt
+
     disk = read_gpt(target)
     rows = _rows(disk)
-    if _want_json(ctx, as_json):
-        echo_json(rows)
-    else:
-        click.echo(
-            f"{target}: disk GUID {disk.disk_guid}, {disk.sector_size}-byte sectors, "
-            f"usable LBA {disk.first_usable_lba}-{disk.last_usable_lba}"
-        )
-        head = f"{'#':>3} {'name':<12} {'type':<14} {'first':>10} {'last':>10} {'size':>10}"
-        click.echo(f"{head} {'unique GUID':<36} prio tries ok")
-        for r in rows:
-            click.echo(
-                f"{r['number']:>3} {r['name']:<12} {r['type']:<14} {r['first_lba']:>10} "
-                f"{r['last_lba']:>10} {_human(r['size_bytes']):>10} "
-                f"{r['unique_guid']:<36} {r['priority']:>4} {r['tries']:>5} "
-                f"{int(r['successful']):>2}"
-            )
+    head = f"{'#':>3} {'name':<12} {'type':<14} {'first':>10} {'last':>10} {'size':>10}"
+    lines = [
+        f"{target}: disk GUID {disk.disk_guid}, {disk.sector_size}-byte sectors, "
+        f"usable LBA {disk.first_usable_lba}-{disk.last_usable_lba}",
+        f"{head} {'unique GUID':<36} prio tries ok",
+    ]
+    lines += [
+        f"{r['number']:>3} {r['name']:<12} {r['type']:<14} {r['first_lba']:>10} "
+        f"{r['last_lba']:>10} {_human(r['size_bytes']):>10} "
+        f"{r['unique_guid']:<36} {r['priority']:>4} {r['tries']:>5} "
+        f"{int(r['successful']):>2}"
+        for r in rows
+    ]
+    emit(
+        {
+            "target": str(target),
+            "disk_guid": str(disk.disk_guid),
+            "sector_size": disk.sector_size,
+            "first_usable_lba": disk.first_usable_lba,
+            "last_usable_lba": disk.last_usable_lba,
+            "partitions": rows,
+            "damaged": list(disk.damaged),
+        },
+        lines,
+    )
     for note in disk.damaged:
         click.echo(f"damaged: {note} (run `updater layout repair {target}`)", err=True)
 
@@ -110,8 +132,11 @@ def show(ctx: click.Context, target: Path, as_json: bool) -> None:
 @click.argument("target", type=click.Path(path_type=Path))
 def repair(target: Path) -> None:
     """Rewrite a damaged GPT copy (or protective MBR) of TARGET from the good one."""
+    from updater.disk.gpt import repair_gpt
+
     fixed = repair_gpt(target)
-    for note in fixed:
-        click.echo(f"repaired: {note}")
-    if not fixed:
-        click.echo(f"{target}: both GPT copies are valid; nothing to repair")
+    lines = [f"repaired: {note}" for note in fixed]
+    emit(
+        {"target": str(target), "repaired": list(fixed)},
+        lines or [f"{target}: both GPT copies are valid; nothing to repair"],
+    )

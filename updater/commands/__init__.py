@@ -1,1 +1,0 @@
-"""Click command groups of `updater`, one module per group, registered in `updater.cli`."""
