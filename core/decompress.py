@@ -5,9 +5,11 @@ at most `len(buffer)` bytes, whatever the compression ratio of the input. This i
 keeps memory flat for a GiB image and makes a decompression bomb harmless: the writer
 asks for at most `raw_length + 1` bytes in total and stops there.
 
-Supported: `zstd` (zstandard's stream reader, multiple frames, window at most
-`ZSTD_MAX_WINDOW`), `xz` (lzma, concatenated streams), `gzip` (zlib with wbits=31,
-multiple members) and `none`.
+Supported: the compressions of the release schema (`core.release.COMPRESSIONS`):
+`zstd` (zstandard's stream reader, multiple frames, window at most `ZSTD_MAX_WINDOW`),
+`xz` (lzma, concatenated streams), `gzip` (zlib with wbits=31, multiple members) and
+`none`. `raw_blocks` is that bounded pull loop for a reader that only needs the bytes
+(`sign-release verify`, which checks a repository with the node's decoder).
 
 Invariants:
 - the chunk iterator is consumed lazily and its exceptions propagate unchanged (the
@@ -16,7 +18,9 @@ Invariants:
 - `readinto` returns 0 only after the iterator is exhausted *and* the compressed stream
   ended cleanly (xz and gzip report truncation; zstandard's reader does not, so a
   truncated zstd stream is caught by the caller's raw length and raw sha256 checks);
-- bad compressed data raises `CorruptStream` (an `UpdateRejected`).
+- bad compressed data raises `CorruptStream` (an `UpdateRejected`);
+- `raw_blocks` asks for at most `raw_length + 1` raw bytes, one bounded block at a time,
+  so however far a stream would inflate, it costs one block and the decoder's window.
 """
 
 from __future__ import annotations
@@ -29,8 +33,7 @@ from typing import IO, Protocol, cast
 import zstandard
 
 from core.errors import UpdateRejected
-
-COMPRESSIONS: tuple[str, ...] = ("zstd", "xz", "gzip", "none")
+from core.release import COMPRESSIONS as COMPRESSIONS  # the schema's; re-exported
 
 # How much compressed input is handed to a decoder at once; the output per call is
 # bounded separately (max_length / readinto), so this only trades call overhead.
@@ -42,6 +45,10 @@ ZSTD_MAX_WINDOW = 32 << 20
 
 class CorruptStream(UpdateRejected):
     """A compressed stream is damaged, truncated or not in the announced format."""
+
+
+class RawLengthMismatch(CorruptStream):
+    """A stream decompresses to more, or fewer, bytes than its announced raw length."""
 
 
 class RawReader(Protocol):
@@ -212,3 +219,29 @@ def open_raw_reader(source: ChunkSource, compression: str, what: str) -> RawRead
     raise CorruptStream(
         f"{what}: unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}"
     )
+
+
+def raw_blocks(
+    source: ChunkSource, compression: str, raw_length: int, what: str, block: int = 1 << 20
+) -> Iterator[bytes]:
+    """The raw bytes of `source`, in blocks of at most `block` bytes, exactly
+    `raw_length` of them; `RawLengthMismatch` if the stream holds more (noticed by
+    asking for one byte more, never by inflating the rest) or fewer, `CorruptStream` if
+    it is damaged. Memory: one block, whatever the stream would inflate to."""
+    reader = open_raw_reader(source, compression, what)
+    buffer = bytearray(block)
+    view = memoryview(buffer)
+    done = 0
+    while True:
+        want = min(block, raw_length - done + 1)
+        n = reader.readinto(view[:want])
+        if n == 0:
+            break
+        if done + n > raw_length:
+            raise RawLengthMismatch(f"{what}: stream has more than raw_length={raw_length} bytes")
+        done += n
+        yield bytes(view[:n])
+    if done != raw_length:
+        raise RawLengthMismatch(
+            f"{what}: raw stream truncated: it ended after {done} of raw_length={raw_length} bytes"
+        )

@@ -1,5 +1,9 @@
 """Streaming compression of OS images into target files, hashing both sides on the way.
 
+The compressions and their file suffixes are the release schema's
+(`core.release.COMPRESSIONS`); reading a target back is the node's decoder
+(`core.decompress`), which `sign-release verify` uses too.
+
 Invariant: an image is read once, in fixed-size chunks, and never held in memory
 whole (images are GiB); the raw length/sha256 (what lands on the partition) and the
 stored length/sha256 (what TUF signs) come from that same single pass.
@@ -10,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import lzma
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Protocol
 
@@ -19,8 +22,6 @@ import zstandard
 from signing.failpoints import failpoint
 
 CHUNK = 1024 * 1024
-COMPRESSIONS = ("zstd", "xz", "gzip", "none")
-SUFFIX = {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}
 
 
 class _Compressor(Protocol):
@@ -94,32 +95,3 @@ def compress_stream(src: IO[bytes], dst: IO[bytes], kind: str, raw_size: int) ->
         failpoint("add-compressing")
     emit(comp.flush())
     return StoredImage(raw_len, raw_hash.hexdigest(), out_len, out_hash.hexdigest())
-
-
-def decompress_chunks(src: IO[bytes], kind: str) -> Iterator[bytes]:
-    """Yield the raw content of a stored target, chunk by chunk."""
-    if kind == "zstd":
-        # One frame (what compress_stream writes); eof tells a truncated one apart.
-        zdec = zstandard.ZstdDecompressor().decompressobj()
-        while chunk := src.read(CHUNK):
-            yield zdec.decompress(chunk)
-        if not zdec.eof:
-            raise ValueError("truncated zstd stream")
-        return
-    dec: lzma.LZMADecompressor | zlib._Decompress | None
-    if kind == "xz":
-        dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    elif kind == "gzip":
-        dec = zlib.decompressobj(31)
-    elif kind == "none":
-        dec = None
-    else:
-        raise ValueError(f"unknown compression {kind!r}")
-    while chunk := src.read(CHUNK):
-        yield chunk if dec is None else dec.decompress(chunk)
-    if isinstance(dec, lzma.LZMADecompressor) and not dec.eof:
-        raise ValueError("truncated xz stream")
-    if dec is not None and not isinstance(dec, lzma.LZMADecompressor):
-        if not dec.eof:
-            raise ValueError("truncated gzip stream")
-        yield dec.flush()

@@ -3,12 +3,16 @@
 A real python-tuf `ngclient.Updater`, bootstrapped with the given root.json, refreshes
 the repository through a fetcher that reads the repository directory (no server
 needed), then downloads every target - ngclient checks length and hashes against the
-signed metadata - and the raw content of each target is decompressed and compared
-with its `custom.release` `raw_length` / `raw_sha256`, as the agent does after
-writing a partition.
+signed metadata. Each target's `custom.release` is parsed with the node's parser
+(`core.release.ReleaseFields.from_target`: a target a node would skip does not
+verify), and its content is decompressed with the node's decoder (`core.decompress`:
+streaming, every frame or member, bounded output) and compared with `raw_length` /
+`raw_sha256`, as the agent does while writing a partition.
 
-Invariant: nothing is trusted that ngclient did not verify; the working copy of
-metadata and targets lives in a temporary directory that is always removed.
+Invariants: nothing is trusted that ngclient did not verify; at most `raw_length + 1`
+raw bytes of a target are ever decompressed, one bounded block at a time (a
+decompression bomb costs one block); the working copy of metadata and targets lives in
+a temporary directory that is always removed.
 """
 
 from __future__ import annotations
@@ -18,16 +22,18 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlparse
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]
+from tuf.api.metadata import Metadata, TargetFile, Targets  # type: ignore[attr-defined]
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from signing.compress import CHUNK, decompress_chunks
+from core.decompress import ChunkSource, raw_blocks
+from core.errors import UpdateRejected
+from core.release import ReleaseFields
+from signing.compress import CHUNK
 from signing.errors import SigningError, VerificationError
 
 
@@ -63,24 +69,27 @@ class VerifyReport:
     bytes_verified: int
 
 
-def _check_raw(path: Path, custom: Any, target: str) -> None:
-    release = custom.get("release") if isinstance(custom, dict) else None
-    if not isinstance(release, dict):
-        raise VerificationError(f"target {target}: no custom.release record")
-    kind = release.get("compression", "none")
-    raw_hash = hashlib.sha256()
-    raw_len = 0
+def _check_target(local: Path, target: TargetFile, path: str) -> None:
+    """Refuse a target a node would skip or whose raw content is not what it says."""
     try:
-        with path.open("rb") as f:
-            for chunk in decompress_chunks(f, kind):
-                raw_hash.update(chunk)
-                raw_len += len(chunk)
-    except Exception as e:
-        # Corrupt compressed data raises library-specific errors (zstd, lzma, zlib).
-        raise VerificationError(f"target {target}: cannot decompress ({kind}): {e}") from e
-    if raw_len != release.get("raw_length") or raw_hash.hexdigest() != release.get("raw_sha256"):
+        fields = ReleaseFields.from_target(path, target)
+    except ValueError as e:
+        raise VerificationError(f"target {path}: nodes skip it: {e}") from e
+    what = f"target {path}"
+    digest = hashlib.sha256()
+    try:
+        with local.open("rb") as f:
+            source = ChunkSource(iter(lambda: f.read(CHUNK), b""))
+            for block in raw_blocks(source, fields.compression, fields.raw_length, what):
+                digest.update(block)
+    except OSError as e:
+        raise VerificationError(f"{what}: cannot read the downloaded copy: {e.strerror}") from e
+    except UpdateRejected as e:  # CorruptStream, RawLengthMismatch: the node's refusals
+        raise VerificationError(str(e)) from e
+    if digest.hexdigest() != fields.raw_sha256:
         raise VerificationError(
-            f"target {target}: decompressed content does not match raw_length/raw_sha256"
+            f"{what}: decompressed content has sha256 {digest.hexdigest()}, "
+            f"its raw_sha256 is {fields.raw_sha256}"
         )
 
 
@@ -121,7 +130,7 @@ def verify_repository(repo: Path, root_json: Path) -> VerifyReport:
                 if info is None:
                     raise VerificationError(f"target {tpath}: not found by the client")
                 local = Path(updater.download_target(info, str(target_dir / "t")))
-                _check_raw(local, info.custom, tpath)
+                _check_target(local, info, tpath)
                 total += info.length
                 local.unlink()
         except tuf_exc.RepositoryError as e:
