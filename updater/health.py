@@ -14,7 +14,9 @@ Invariants:
   an exception - only the verdict after the deadline matters, and an exception would
   leave the booted slot neither committed nor rolled back;
 * the clock and sleep are injectable, so tests drive rounds without waiting;
-* at least one round always runs, even with a zero deadline; no checks means pass.
+* at least one round always runs, even with a zero deadline; no checks means pass;
+* `requests` is imported, and an HTTP session made, only when an http check runs:
+  `updater health-check` runs on every boot and must start fast.
 
 Library code: nothing is printed; the result carries every check's last outcome.
 """
@@ -28,10 +30,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import requests
+from typing import TYPE_CHECKING
 
 from updater.config import HealthCheck, HealthConfig
+
+if TYPE_CHECKING:
+    import requests
 
 OUTPUT_TAIL = 2048  # bytes of a check's output kept for the report
 HTTP_BODY_LIMIT = 64 * 1024  # bytes of a health endpoint's answer read at most
@@ -111,6 +115,8 @@ def run_command_check(check: HealthCheck) -> tuple[bool, str, str]:
 
 def run_http_check(check: HealthCheck, session: requests.Session) -> tuple[bool, str, str]:
     """GET an http check's URL once: (passed, detail, body tail)."""
+    import requests  # here, not at the top: `health-check` must start fast (issue 10)
+
     assert check.http is not None
     try:
         with session.get(check.http, timeout=check.timeout, stream=True) as response:
@@ -124,10 +130,11 @@ def run_http_check(check: HealthCheck, session: requests.Session) -> tuple[bool,
     return 200 <= status < 300, f"HTTP {status}", _tail(body)
 
 
-def run_check(check: HealthCheck, session: requests.Session) -> tuple[bool, str, str]:
+def run_check(check: HealthCheck, session: Callable[[], requests.Session]) -> tuple[bool, str, str]:
+    """Run one check once; `session` gives the HTTP session (made on first use)."""
     if check.command is not None:
         return run_command_check(check)
-    return run_http_check(check, session)
+    return run_http_check(check, session())
 
 
 def run_health_checks(
@@ -138,12 +145,23 @@ def run_health_checks(
     session: requests.Session | None = None,
 ) -> HealthResult:
     """Run `config.checks` in rounds until a round passes or `config.deadline` passes."""
-    own_session = session is None
-    if session is None:
-        session = requests.Session()
-        # Health endpoints are local to the node: a fleet proxy from the environment
-        # must not decide whether the workload is up.
-        session.trust_env = False
+    sessions: list[requests.Session] = []  # ours, made only if an http check runs
+
+    def http_session() -> requests.Session:
+        if session is not None:
+            return session
+        if not sessions:
+            # requests only here: most nodes have command checks only, and
+            # `health-check` runs on every boot (fast start, issue 10).
+            import requests
+
+            own = requests.Session()
+            # Health endpoints are local to the node: a fleet proxy from the
+            # environment must not decide whether the workload is up.
+            own.trust_env = False
+            sessions.append(own)
+        return sessions[0]
+
     runs = [0] * len(config.checks)
     start = clock()
     rounds = 0
@@ -153,7 +171,7 @@ def run_health_checks(
             outcomes = []
             for index, check in enumerate(config.checks):
                 runs[index] += 1
-                passed, detail, output = run_check(check, session)
+                passed, detail, output = run_check(check, http_session)
                 outcomes.append(CheckOutcome(check, passed, detail, output, runs[index]))
             elapsed = clock() - start
             if all(o.passed for o in outcomes):
@@ -163,5 +181,5 @@ def run_health_checks(
                 return HealthResult(False, rounds, elapsed, tuple(outcomes))
             sleep(min(config.interval, remaining))
     finally:
-        if own_session:
-            session.close()
+        for own in sessions:
+            own.close()
