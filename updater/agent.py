@@ -4,14 +4,21 @@ This is the only module that combines the others (on top of `updater.node`, the 
 as it is); each step below is one call into a module that does one thing. The order is
 DESIGN.md's, the one that keeps a node bootable through a power cut at any point:
 
-    install:  refresh TUF -> select release -> mark inactive slot bad (bootloader write)
-              -> stream every image into its partition, read back, verify
-              -> journal "slot holds version" -> set inactive primary with one try
-              -> journal "pending" -> pre_reboot hook -> reboot command
+    install:  refresh TUF -> select release -> plan -> invalidate the inactive slot
+              (one bootloader write) -> stream every image into its partition, read
+              back, verify -> journal "slot holds version" -> inactive primary with
+              one try (one bootloader write) -> journal "pending" -> pre_reboot hook
+              -> reboot command
     health-check (every boot):
               booted == pending (or booted not yet committed) -> checks -> commit, or
-              mark bad + fall back + reboot; booted != pending and the bootloader
+              fall back (one write) + reboot; booted != pending and the bootloader
               already gave up on it -> record the version as failed, mark it bad.
+
+The agent decides nothing itself: every command loads the journal and the boot state
+once (under the lock), asks `updater.decide` (pure functions of those values) what to
+do, and carries the answer out - the boot state first (one write), then the journal,
+then hooks and the reboot. A failed slot (rolled-back, fell-back, no-fallback) is
+`core.errors.SlotFailed`, raised after all of that is done.
 
 Invariants:
 * the booted slot is never written (`install.SlotGuard` refuses it, whatever the config);
@@ -26,7 +33,9 @@ Invariants:
   directory's lock (`updater.lock`; the daemon holds it per cycle, not while it sleeps),
   and `check` records its outcome only when it gets the lock without waiting;
 * a release that cannot be installed (an image larger than its partition, a role
-  without one, ...) is refused by `plan_writes` before the inactive slot is touched.
+  without one, ...) is refused by `plan_writes` before the inactive slot is touched;
+* `status` and `health-check` import no network, TUF or decompression code: those
+  modules are imported by the methods that use them (fast start on every boot).
 
 `UPDATER_FAILPOINT=<step>` makes the process die abruptly (`os._exit`) when it reaches
 that step - fault injection for the crash/restart tests, inert otherwise.
@@ -41,22 +50,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
-
-from core import release
-from core.errors import ConfigError, UpdateFailed, UpdateRejected, UpdaterError
-from core.repository import Repository
-from updater import health, install
-from updater.boot.base import SlotState
+from core.errors import ConfigError, SlotFailed, UpdaterError
+from updater import decide, health
+from updater.boot.base import BootState
 from updater.config import Config
+from updater.decide import HealthAction, HealthOutcome, Step
 from updater.hooks import run_hook
 from updater.lock import LockBusy
 from updater.node import Node, changes_node
-from updater.plan import Plan, plan_writes
-from updater.slots import SLOTS, other
+from updater.slots import other
 from updater.state import Journal
+
+if TYPE_CHECKING:
+    import requests
+
+    from core.release import Release
+    from core.repository import Repository
+    from updater.plan import Plan
+
+__all__ = ["Agent", "HealthOutcome", "InstallResult", "Progress", "failpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +78,12 @@ FAILPOINT_ENV = "UPDATER_FAILPOINT"
 FAILPOINT_EXIT = 137
 Progress = Callable[[str, int, int], None]  # (role, done raw bytes, raw length)
 
-
-class NoFallback(UpdateFailed):
-    """Health checks failed but the other slot is not good: staying on the booted slot."""
+# The failpoint between a health check's bootloader write and its journal save.
+_MARKED = {
+    HealthAction.COMMITTED: "committed",
+    HealthAction.ROLLED_BACK: "rollback-marked",
+    HealthAction.FELL_BACK: "fell-back-marked",
+}
 
 
 def failpoint(step: str) -> None:
@@ -97,24 +114,6 @@ class InstallResult:
         }
 
 
-@dataclass(frozen=True)
-class HealthOutcome:
-    action: str  # nothing | waiting-for-reboot | committed | rolled-back | fell-back | no-fallback
-    slot: str
-    version: str | None
-    detail: str = ""
-    rebooting: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "action": self.action,
-            "slot": self.slot,
-            "version": self.version,
-            "detail": self.detail,
-            "rebooting": self.rebooting,
-        }
-
-
 class Agent(Node):
     """The node agent for one configuration. Cheap to build; touches disks lazily.
 
@@ -126,10 +125,19 @@ class Agent(Node):
         self, config: Config, *, session: requests.Session | None = None, wait: bool = False
     ) -> None:
         super().__init__(config, wait=wait)
-        self.session = session or _session(config)
+        self._session = session
+
+    @property
+    def session(self) -> requests.Session:
+        """The one HTTP session for metadata and images, made on first use."""
+        if self._session is None:
+            self._session = _session(self.config)
+        return self._session
 
     def repository(self, source: Path | None = None) -> Repository:
         """The TUF repository of the config, or a mounted medium (`install --from`)."""
+        from core.repository import Repository  # tuf and requests: not for status/health
+
         urls: dict[str, str] = {}
         if source is not None:
             base = source.resolve()
@@ -147,7 +155,7 @@ class Agent(Node):
 
     # --- check ---------------------------------------------------------------------
 
-    def find_update(
+    def _find_update(
         self,
         repo: Repository,
         journal: Journal,
@@ -156,32 +164,36 @@ class Agent(Node):
         force: bool = False,
     ) -> Plan | None:
         """Refresh `repo`, select the release for this node and plan its writes into
-        the inactive slot (a release that can never be installed is refused here). The
-        outcome (None or its one-line error) is recorded, see `_record_check`."""
+        the inactive slot (a release that can never be installed is refused here)."""
+        # Here, not at the top: tuf's metadata classes are not for status/health-check.
+        from updater.plan import plan_writes
+        from updater.select import select
+
+        repo.refresh()
+        chosen = select(
+            repo.targets(),
+            hardware=self.config.device.hardware,
+            channel=self.config.device.channel,
+            installed_version=self.installed_version(journal),
+            failed_versions=list(journal.failed_versions),
+            want_version=want_version,
+            force=force,
+        )
+        if chosen is None:
+            return None
+        return plan_writes(chosen, self.targets[other(self.booted)], self.config.roles)
+
+    def check(self, source: Path | None = None) -> dict[str, Any]:
+        """Whether a newer release is available. Read-only: the outcome is recorded
+        only if the lock is free (see `Node._record_check`)."""
+        journal = self.journal()
+        repo = self.repository(source)
         try:
-            repo.refresh()
-            chosen = release.select(
-                repo.targets(),
-                hardware=self.config.device.hardware,
-                channel=self.config.device.channel,
-                installed_version=self.installed_version(journal),
-                failed_versions=list(journal.failed_versions),
-                want_version=want_version,
-                force=force,
-            )
-            found = None
-            if chosen is not None:
-                inactive = self.targets[other(self.booted)]
-                found = plan_writes(chosen, inactive, self.config.roles)
+            found = self._find_update(repo, journal)
         except UpdaterError as e:
             self._record_check(str(e))
             raise
         self._record_check(None)
-        return found
-
-    def check(self, source: Path | None = None) -> dict[str, Any]:
-        journal = self.journal()
-        found = self.find_update(self.repository(source), journal)
         chosen = found.release if found else None
         return {
             "update_available": chosen is not None,
@@ -206,19 +218,45 @@ class Agent(Node):
         source: Path | None = None,
         progress: Progress | None = None,
     ) -> InstallResult:
+        return self._install(
+            self.journal(),
+            version=version,
+            force=force,
+            activate=activate,
+            reboot=reboot,
+            source=source,
+            progress=progress,
+        )
+
+    def _install(
+        self,
+        journal: Journal,
+        *,
+        version: str | None = None,
+        force: bool = False,
+        activate: bool = True,
+        reboot: bool = True,
+        source: Path | None = None,
+        progress: Progress | None = None,
+    ) -> InstallResult:
+        from updater import install  # decompression (zstandard): not for status/health
+
         booted = self.booted
         inactive = other(booted)
-        journal = self.journal()
-        if journal.pending is not None and journal.pending.slot == booted:
-            raise UpdateRejected(
-                f"slot {booted} (version {journal.pending.version}) is booted but not yet "
-                "committed; run `updater health-check` or `updater mark-good` first"
-            )
+        decide.check_can_install(journal, booted)
         guard = install.SlotGuard(self.targets[booted].values())
+        boot = self.boot.load()
         repo = self.repository(source)
         # Everything that can be known before a byte is written is checked by now: the
-        # GPT (read for `self.targets`), the release's signatures and the plan.
-        found = self.find_update(repo, journal, want_version=version, force=force)
+        # GPT (read for `self.targets`), the bootloader state, the release's signatures
+        # and the plan. The lock is held: the check's outcome goes into this journal.
+        try:
+            found = self._find_update(repo, journal, want_version=version, force=force)
+        except UpdaterError as e:
+            self._save(journal.with_check(str(e)))
+            raise
+        journal = journal.with_check(None)
+        self._save(journal)
         if found is None:
             log.info("no update: slot %s runs the newest release for this node", booted)
             return InstallResult(version=None)
@@ -226,16 +264,15 @@ class Agent(Node):
 
         log.info("installing %s into slot %s", chosen.version, inactive)
         images: dict[str, dict[str, Any]] = {}
-        reused = self._holds(inactive, chosen)
+        reused = self._holds(journal, inactive, chosen)
         if reused:
             log.info(
                 "slot %s already holds verified %s; not writing it again", inactive, chosen.version
             )
         else:
             # Invalidate before a single byte is written (Bottlerocket's and RAUC's order).
-            self.boot.set_state(inactive, False)
-            self._save(self.journal().with_invalidated(inactive))
-            failpoint("invalidated")
+            step = decide.before_writing(journal, boot, inactive)
+            boot, journal = self._carry_out(step, between="invalidated")
             for write in found.writes:
                 role, image, target = write.role, write.image, write.target
                 stream = repo.stream_target(image.target, retries=self.config.repository.retries)
@@ -254,18 +291,21 @@ class Agent(Node):
                     "seconds": round(result.seconds, 3),
                 }
                 failpoint(f"written:{role}")
-            self._save(self.journal().with_installed(inactive, chosen.version))
+            journal = journal.with_installed(inactive, chosen.version)
+            self._save(journal)
             failpoint("recorded")
         if not activate:
             return InstallResult(chosen.version, inactive, images=images, reused=reused)
-        self.activate(inactive, reboot=reboot)
+        self._activate(journal, boot, booted, inactive, reboot=reboot)
         return InstallResult(
             chosen.version, inactive, activated=True, rebooting=reboot, reused=reused, images=images
         )
 
-    def _holds(self, slot: str, chosen: release.Release) -> bool:
+    def _holds(self, journal: Journal, slot: str, chosen: Release) -> bool:
         """Whether `slot` already holds every image of `chosen`, verified by reading it back."""
-        if self.journal().version_in(slot) != chosen.version:
+        from updater import install
+
+        if journal.version_in(slot) != chosen.version:
             return False
         try:
             for role, image in chosen.images.items():
@@ -277,52 +317,47 @@ class Agent(Node):
             return False
         return True
 
+    # --- carrying a decision out -----------------------------------------------------
+
+    def _carry_out(self, step: Step, *, between: str | None = None) -> tuple[BootState, Journal]:
+        """Write `step`: the boot state (one write, or none if unchanged), the failpoint
+        `between`, then the journal. Returns both values as they now are on disk."""
+        boot = self.boot.write(step.boot)
+        if between is not None:
+            failpoint(between)
+        if step.save:
+            self._save(step.journal)
+        return boot, step.journal
+
     # --- bootloader commands -------------------------------------------------------
 
     @changes_node
     def activate(self, slot: str, *, reboot: bool = False) -> None:
         """Boot `slot` next with one try; the journal remembers it is pending. With
         `reboot`, then run the pre_reboot hook and reboot (under the same lock)."""
-        if slot not in SLOTS:
-            raise ConfigError(f"unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
-        journal = self.journal()
-        if slot == self.booted:
-            # Back to the running slot: cancel whatever was pending, keep it committed.
-            self.boot.set_primary(slot)
-            self.boot.set_state(slot, True)
-            self._save(journal.committed())
-        else:
-            self._make_pending(slot, journal)
+        booted = self.booted  # the disk first: its errors come before the grubenv's
+        self._activate(self.journal(), self.boot.load(), booted, slot, reboot=reboot)
+
+    def _activate(
+        self, journal: Journal, boot: BootState, booted: str, slot: str, *, reboot: bool
+    ) -> None:
+        _, journal = self._carry_out(
+            decide.activate(journal, boot, booted, slot), between="activated"
+        )
+        failpoint("pending")
+        if journal.pending is not None:
+            pending = journal.pending
+            log.info("slot %s (%s) will be booted next, with one try", slot, pending.version)
         if reboot:
             self.reboot()
-
-    def _make_pending(self, slot: str, journal: Journal) -> None:
-        """Make the not booted `slot` primary with one try, if it holds a verified image."""
-        version = journal.version_in(slot)
-        if version is None:
-            raise UpdateRejected(
-                f"slot {slot} holds no verified image according to the journal; "
-                "install into it first"
-            )
-        self.boot.set_primary(slot)
-        failpoint("activated")
-        self._save(journal.with_pending(slot, version))
-        failpoint("pending")
-        log.info("slot %s (%s) will be booted next, with one try", slot, version)
 
     @changes_node
     def rollback(self, *, reboot: bool = False) -> str:
         """Make the other slot primary again, as a committed (known good) slot; with
         `reboot`, then reboot into it."""
-        target = other(self.booted)
-        if self.boot.get_state(target) is not SlotState.GOOD:
-            raise UpdateRejected(
-                f"cannot roll back to slot {target}: its state is "
-                f"{self.boot.get_state(target).value}"
-            )
-        self.boot.set_primary(target)
-        self.boot.set_state(target, True)
-        self._save(self.journal().committed())
+        booted = self.booted
+        target, step = decide.rollback(self.journal(), self.boot.load(), booted)
+        self._carry_out(step)
         if reboot:
             self.reboot()
         return target
@@ -330,28 +365,13 @@ class Agent(Node):
     @changes_node
     def mark_good(self) -> str:
         slot = self.booted
-        self.boot.set_state(slot, True)
-        journal = self.journal()
-        if journal.pending is not None and journal.pending.slot == slot:
-            journal = journal.committed()
-        self._save(journal)
+        self._carry_out(decide.mark_good(self.journal(), self.boot.load(), slot))
         return slot
 
     @changes_node
     def mark_bad(self, slot: str | None = None, *, force: bool = False) -> str:
         slot = slot or self.booted
-        if slot not in SLOTS:
-            raise ConfigError(f"unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
-        if not force and self.boot.get_state(other(slot)) is not SlotState.GOOD:
-            raise UpdateRejected(
-                f"refusing to mark slot {slot} bad: slot {other(slot)} is not good, so no slot "
-                "would boot (use --force to do it anyway)"
-            )
-        self.boot.set_state(slot, False)
-        journal = self.journal()
-        if journal.pending is not None and journal.pending.slot == slot:
-            journal = journal.with_failed(journal.pending.version, f"marked bad by hand in {slot}")
-        self._save(journal)
+        self._carry_out(decide.mark_bad(self.journal(), self.boot.load(), slot, force=force))
         return slot
 
     @changes_node
@@ -372,66 +392,30 @@ class Agent(Node):
         sleep: Callable[[float], None] = time.sleep,
         reboot: bool = True,
     ) -> HealthOutcome:
+        """Commit the booted slot if it is a pending (or uncommitted) one and passes its
+        checks, else fall back; see `decide.after_boot`. A failed slot is `SlotFailed`
+        (details: the outcome), raised after the writes, hooks and reboot."""
         booted = self.booted
         journal = self.journal()
-        pending = journal.pending
-        if pending is not None and pending.slot != booted:
-            if self.boot.get_primary() == pending.slot:
-                return HealthOutcome(
-                    "waiting-for-reboot",
-                    booted,
-                    journal.version_in(booted),
-                    f"slot {pending.slot} ({pending.version}) boots next",
-                )
-            # The bootloader tried the pending slot and fell back to this one.
-            reason = f"slot {pending.slot} did not come up; the bootloader fell back to {booted}"
-            log.error("%s: %s recorded as failed", reason, pending.version)
-            self.boot.set_state(pending.slot, False)
-            failpoint("fell-back-marked")
-            self._save(journal.with_failed(pending.version, reason))
-            if self.boot.get_state(booted) is not SlotState.GOOD:
-                self.boot.set_state(booted, True)
-            return HealthOutcome("fell-back", booted, journal.version_in(booted), reason)
-
-        tentative = pending is not None or self.boot.get_state(booted) is not SlotState.GOOD
-        version = pending.version if pending is not None else self.installed_version(journal)
-        if not tentative:
-            return HealthOutcome("nothing", booted, version, f"slot {booted} is committed")
-
-        result = health.run_health_checks(self.config.health, clock=clock, sleep=sleep)
-        failpoint("checked")
-        if result.passed:
-            self.boot.set_state(booted, True)
-            failpoint("committed")
-            self._save(self.journal().with_good(version))
-            log.info("slot %s (%s) passed its health checks: committed", booted, version)
+        boot = self.boot.load()
+        installed = self.installed_version(journal)
+        decision = decide.after_boot(journal, boot, booted, installed, None, reboot=reboot)
+        if decision is None:
+            result = health.run_health_checks(self.config.health, clock=clock, sleep=sleep)
+            failpoint("checked")
+            decision = decide.after_boot(journal, boot, booted, installed, result, reboot=reboot)
+        outcome = decision.outcome
+        if decision.error is not None and decision.reboot:
+            log.error("%s", decision.error)  # said before the reboot cuts the process off
+        self._carry_out(decision.step, between=_MARKED.get(outcome.action))
+        if decision.post_commit:
+            log.info("slot %s (%s) passed its health checks: committed", booted, outcome.version)
             run_hook("post_commit", self.config.hooks.post_commit, self.config.hooks.timeout)
-            return HealthOutcome("committed", booted, version, result.summary())
-
-        fallback = other(booted)
-        if self.boot.get_state(fallback) is not SlotState.GOOD:
-            # Rolling back to a slot that is not good would strand the node: stay here.
-            self.boot.set_state(booted, True)
-            self._save(
-                self.journal().committed().with_check(f"health checks failed: {result.summary()}")
-            )
-            raise NoFallback(
-                f"slot {booted} failed its health checks ({result.summary()}) but slot "
-                f"{fallback} is not good; staying on {booted}"
-            )
-        reason = f"health checks failed in slot {booted}: {result.summary()}"
-        log.error("%s; rolling back to slot %s", reason, fallback)
-        self.boot.set_state(booted, False)
-        failpoint("rollback-marked")
-        self.boot.set_primary(fallback)
-        self.boot.set_state(fallback, True)
-        if version is not None:
-            self._save(self.journal().with_failed(version, reason))
-        else:
-            self._save(self.journal().committed())
-        if reboot:
+        if decision.reboot:
             self.reboot()
-        return HealthOutcome("rolled-back", booted, version, reason, rebooting=reboot)
+        if decision.error is not None:
+            raise SlotFailed(decision.error, details=outcome.to_json())
+        return outcome
 
     # --- daemon --------------------------------------------------------------------
 
@@ -464,10 +448,12 @@ class Agent(Node):
 
     def _cycle(self) -> None:
         journal = self.journal()
-        if journal.pending is not None and journal.pending.slot == self.booted:
+        try:
+            decide.check_can_install(journal, self.booted)
+        except decide.NotCommitted:
             log.info("slot %s not yet committed; skipping this check", self.booted)
             return
-        result = self.install()
+        result = self._install(journal)
         if result.version is not None:
             log.info("installed %s into slot %s", result.version, result.slot)
 
@@ -485,6 +471,8 @@ def _for_role(progress: Progress | None, role: str) -> Callable[[int, int], None
 
 def _session(config: Config) -> requests.Session:
     """The one HTTP session for metadata and images: proxies and TLS set once."""
+    import requests
+
     session = requests.Session()
     repo = config.repository
     if repo.proxy:

@@ -7,11 +7,14 @@ a second agent: `changes_node` runs a method holding the lock (`updater.lock`).
 
 Invariants:
 * everything is read lazily and cached per object (cheap to build; `status` reads no
-  more than it shows); `forget_disk` drops the cached partitions so that a long-lived
-  daemon reads - and so checks - the GPT again for each cycle;
-* the journal is always read afresh (`journal()`), never cached: another process may
-  have changed it since, and a read-modify-write happens only under the lock (a check's
-  outcome is not recorded at all while another process holds it).
+  more than it shows: the journal once, the bootloader state once); `forget_disk`
+  drops the cached partitions so that a long-lived daemon reads - and so checks - the
+  GPT again for each cycle;
+* the journal and the boot state are values, never cached here: a command loads each
+  once (`journal()`, `boot.load()`) and passes them along; a command that changes the
+  node loads them under the lock, so nobody changes them between its load and its
+  write (a check's outcome is recorded in a journal read again under the lock, or not
+  at all while another process holds it).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from updater.boot.base import BootContext, Bootloader, SlotState
-from updater.boot.registry import make_bootloader
+from updater.boot.base import Bootloader, SlotState
+from updater.boot.registry import bootloader_for
 from updater.config import Config
 from updater.disk import blockdev
 from updater.lock import StateLock
@@ -88,19 +91,11 @@ class Node:
     @property
     def boot(self) -> Bootloader:
         if self._boot is None:
-            roles = self.config.slots[SLOTS[0]]
-            # The bits live on the slot's boot partition if it has one, else its root.
-            role = "boot" if "boot" in roles else ("root" if "root" in roles else sorted(roles)[0])
-            labels = {slot: self.config.slots[slot][role] for slot in SLOTS}
-            ctx = BootContext(
-                disk=self.config.device.disk,
-                grubenv=self.config.device.grubenv,
-                slot_partitions=labels,
-            )
-            self._boot = make_bootloader(self.config.device.bootloader, ctx)
+            self._boot = bootloader_for(self.config.device, self.config.slots)
         return self._boot
 
     def journal(self) -> Journal:
+        """The journal as it is on disk now (one read)."""
         return load_journal(self.state_dir)
 
     def _save(self, journal: Journal) -> None:
@@ -116,17 +111,17 @@ class Node:
             else:
                 log.info("another updater holds %s: this check is not recorded", self.lock.path)
 
-    def installed_version(self, journal: Journal | None = None) -> str | None:
+    def installed_version(self, journal: Journal) -> str | None:
         """The booted slot's version: the journal's record, else the image's os-release."""
-        journal = journal or self.journal()
         return journal.version_in(self.booted) or image_version(self.config.device.os_release)
 
     def status(self) -> dict[str, Any]:
         journal = self.journal()
         booted = self.booted
+        boot = self.boot.load()
         slots: dict[str, Any] = {}
         for slot in SLOTS:
-            state = self.boot.get_state(slot)
+            state = boot.state(slot)
             label = state.value
             if slot == booted and state is not SlotState.GOOD:
                 label = SlotState.TRYING.value  # booted but not committed yet
@@ -141,7 +136,7 @@ class Node:
         pending = journal.pending
         return {
             "booted_slot": booted,
-            "primary_slot": self.boot.get_primary(),
+            "primary_slot": boot.primary(),
             "bootloader": self.config.device.bootloader,
             "hardware": self.config.device.hardware,
             "channel": self.config.device.channel,

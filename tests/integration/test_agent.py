@@ -70,6 +70,41 @@ def test_failed_health_check_rolls_back_and_is_not_retried(node: Node) -> None:
     assert node.ok("install", "--version", "2.0.0", "--no-reboot")["slot"] == "B"
 
 
+def test_a_failed_slot_is_one_error_line_and_the_outcome_in_json(node: Node) -> None:
+    node.ok("install")
+    node.grub_boots("B")
+    (node.root / "unhealthy").touch()
+    done = node.run("health-check", booted="B")
+    assert done.returncode == 5, done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["action"], doc["slot"], doc["version"]) == ("rolled-back", "B", "2.0.0")
+    assert doc["rebooting"] is True and doc["kind"] == "SlotFailed" and doc["exit_code"] == 5
+    assert doc["error"].startswith("rolled-back: slot B. health checks failed in slot B")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("updater: error: ")]
+    assert errors == [f"updater: error: {doc['error']}"], done.stderr
+    # All of it was done before the error: B invalid, A primary, and the reboot.
+    env = node.env()
+    assert (env["ORDER"], env["A_OK"], env["B_OK"]) == ("A B", "1", "0")
+    assert node.reboots.read_text().split() == ["pre_reboot", "reboot"] * 2
+
+
+def test_no_fallback_commits_the_booted_slot_and_says_so(node: Node) -> None:
+    # A booted but never committed (GRUB's try), B empty: a failed check cannot go back.
+    node.grub_boots("A")
+    (node.root / "unhealthy").touch()
+    done = node.run("health-check", booted="A")
+    assert done.returncode == 5, done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["action"], doc["slot"], doc["version"]) == ("no-fallback", "A", "1.0.0")
+    assert doc["rebooting"] is False and "slot B is not good; staying on A" in doc["detail"]
+    env = node.env()
+    assert (env["ORDER"], env["A_OK"], env["A_TRY"], env["B_OK"]) == ("A B", "1", "0", "0")
+    status = node.ok("status")
+    assert status["slots"]["A"]["state"] == "good" and status["failed_versions"] == []
+    assert status["last_error"].startswith("health checks failed: ")
+    assert not node.reboots.exists()
+
+
 def test_bootloader_fell_back_without_the_agent(node: Node) -> None:
     node.ok("install")
     # GRUB tried B (B_TRY=1), B never reached user space, GRUB fell back to A.

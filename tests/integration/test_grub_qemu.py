@@ -25,7 +25,13 @@ import pytest
 
 from tests.conftest import require_tool, run_tool
 from updater.boot.base import BootContext, SlotState
-from updater.boot.grub import GrubBootloader, initial_grubenv, primary_slot, slot_state
+from updater.boot.grub import (
+    GrubBootloader,
+    GrubState,
+    initial_grubenv,
+    primary_slot,
+    slot_state,
+)
 from updater.disk.grubenv import read_grubenv, write_grubenv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,18 +171,19 @@ def _lines(console: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.startswith("ab-updater:")]
 
 
-def _edit(machine: Machine, change: Callable[[GrubBootloader], None]) -> None:
-    """Apply a backend operation to the grubenv on the image's ESP."""
+def _edit(machine: Machine, change: Callable[[GrubState], GrubState]) -> None:
+    """Apply a backend transition to the grubenv on the image's ESP (load, write)."""
     local = machine.work / "edit.grubenv"
     write_grubenv(local, machine.get_grubenv())
-    change(GrubBootloader(BootContext(disk=machine.disk, grubenv=local)))
+    boot = GrubBootloader(BootContext(disk=machine.disk, grubenv=local))
+    boot.write(change(boot.load()))
     machine.put_grubenv(read_grubenv(local))
 
 
 def test_update_fallback_and_no_slot(machine: Machine) -> None:
     # Provisioned with A committed; the updater then makes B primary (one try).
     machine.put_grubenv(initial_grubenv("A"))
-    _edit(machine, lambda boot: boot.set_primary("B"))
+    _edit(machine, lambda state: state.try_next("B"))
 
     # Boot 1: GRUB boots B and records the try before booting.
     lines = _lines(machine.boot())
@@ -202,7 +209,7 @@ def test_update_fallback_and_no_slot(machine: Machine) -> None:
     }  # fmt: skip
 
     # Boot 3: B was invalidated, A's try was never committed: no slot qualifies.
-    _edit(machine, lambda boot: boot.set_state("B", good=False))
+    _edit(machine, lambda state: state.invalidate("B"))
     lines = _lines(machine.boot())
     assert lines[:2] == [
         "ab-updater: skipping slot B (OK=0 TRY=0)",

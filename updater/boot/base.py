@@ -1,17 +1,31 @@
-"""The bootloader backend Protocol and the registry the config's `bootloader` key selects.
+"""The bootloader backend Protocols: the boot state is a value, loaded once, written once.
 
-Four operations, as in RAUC's bootloader backends (DESIGN.md, "Bootloader backends"):
+As Bottlerocket's signpost `State`: a backend `load()`s its metadata (a grubenv, the
+GPT attribute bits) as an immutable `BootState`; the transitions below return a new
+value and never touch the disk; `Bootloader.write(value)` persists a value with ONE
+atomic write of the bootloader metadata, and writes nothing when the value is what was
+loaded. So every agent step - install's invalidation, an activation, a rollback, a
+failed health check - is one load, pure transitions, one write.
 
-| operation | meaning |
+| transition | meaning |
 | --- | --- |
-| `get_state(slot)` | GOOD (committed), TRYING (primary, boot not yet confirmed), BAD |
-| `set_state(slot, good)` | commit a slot, or invalidate it so it will not boot |
-| `get_primary()` | the slot the bootloader will boot next, or None if none will boot |
-| `set_primary(slot)` | boot `slot` next with one try, not yet good; the other stays fallback |
+| `invalidate(slot)` | the slot will not boot (before it is overwritten; it failed) |
+| `try_next(slot)` | boot the slot next with one try, not yet good; the other stays fallback |
+| `commit(slot)` | the slot is good: the bootloader keeps booting it |
+| `fall_back(slot)` | the slot failed: invalidate it; the other slot primary and committed |
 
-Invariants: every mutating call is one atomic write of the bootloader metadata (temp
-file + fsync + rename for grubenv; backup-then-primary GPT for gptprio) and is
-idempotent; a backend never touches a slot's contents.
+| query | meaning |
+| --- | --- |
+| `state(slot)` | GOOD (committed), TRYING (booted once, not yet confirmed), BAD |
+| `primary()` | the slot the bootloader will boot next, or None if none will boot |
+
+Invariants: transitions are pure and total on the known slots (an unknown slot is a
+`ConfigError`), and repeating one gives an equal value; `write` is one atomic write
+(temp file + fsync + rename for grubenv; backup-then-primary GPT for gptprio) of the
+value's whole metadata, or nothing if the value equals what `load` returned; a backend
+never touches a slot's contents. A value is written over what the file holds at that
+moment: load, decide and write happen under the state directory's lock
+(`updater.lock`), and GRUB or the firmware only write at boot.
 """
 
 from __future__ import annotations
@@ -20,7 +34,9 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self, TypeVar
+
+from updater.slots import other
 
 
 class SlotState(enum.Enum):
@@ -36,20 +52,49 @@ class BootContext:
     disk: Path  # whole disk or disk image file (gptprio edits its GPT)
     grubenv: Path | None  # grubenv file (grub backend)
     # slot -> PARTLABEL of the partition whose GPT attributes carry the slot's
-    # priority/tries/successful bits (the slot's `boot` role if it has one, else `root`).
+    # priority/tries/successful bits (chosen by `updater.boot.registry.bits_partitions`).
     slot_partitions: Mapping[str, str] = field(default_factory=dict)
+
+
+class BootState(Protocol):
+    """A backend's loaded metadata as an immutable value (see the module docstring)."""
+
+    def state(self, slot: str) -> SlotState: ...
+
+    def primary(self) -> str | None: ...
+
+    def invalidate(self, slot: str) -> Self: ...
+
+    def try_next(self, slot: str) -> Self: ...
+
+    def commit(self, slot: str) -> Self: ...
+
+    def fall_back(self, slot: str) -> Self: ...
 
 
 class Bootloader(Protocol):
     name: str
 
-    def get_state(self, slot: str) -> SlotState: ...
+    def load(self) -> BootState:
+        """The metadata as it is on disk now (one read)."""
+        ...
 
-    def set_state(self, slot: str, good: bool) -> None: ...
+    def write(self, state: BootState) -> BootState:
+        """Persist `state` with one atomic write - nothing if it is unchanged since it
+        was loaded (or last written) - and return it as it now is on disk, the value
+        the next transitions start from. `state` must come from this backend."""
+        ...
 
-    def get_primary(self) -> str | None: ...
 
-    def set_primary(self, slot: str) -> None: ...
+_S = TypeVar("_S", bound=BootState)
+
+
+def fall_back_from(state: _S, slot: str) -> _S:
+    """`slot` failed: invalidated, and the other slot made primary and committed - the
+    three steps of a rollback as one value, for every backend alike."""
+    invalidated = state.invalidate(slot)  # first: an unknown slot is its ConfigError
+    fallback = other(slot)
+    return invalidated.try_next(fallback).commit(fallback)
 
 
 BootloaderFactory = Callable[[BootContext], Bootloader]

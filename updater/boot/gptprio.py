@@ -5,17 +5,32 @@ slot's boot (or root) partition entry carries priority (bits 48-51), tries (52-5
 successful (56). A slot will boot iff `(priority > 0 and tries > 0) or successful`; the
 firmware/bootloader boots the highest priority that will boot and decrements `tries`.
 
-Invariants: the state transitions (`mark_state`, `mark_primary`) are pure functions
-on a `GptDisk`; the backend reads the GPT once per operation and commits it with one
-`write_gpt` (backup table first, then primary), and writes nothing when the
-operation changes nothing (so repeating a call is harmless). Bits other than these
-three are never changed.
+| transition | bits |
+| --- | --- |
+| `try_next(s)` | `s` priority=2 tries=1 successful=0, the other priority=1 |
+| `commit(s)` | `s` successful=1, priority raised to 1 if it was 0 |
+| `invalidate(s)` | `s` priority=0 tries=0 successful=0 |
+| `fall_back(s)` | `invalidate(s)`, then `try_next` and `commit` of the other slot |
+
+Invariants: a `GptPrioState` is immutable and its transitions (`mark_state`,
+`mark_primary` on a `GptDisk`) do no I/O; the backend reads the GPT once per `load`
+(both copies, every partition of the slots found) and `write` commits it with one
+`write_gpt` (backup table first, then primary), or writes nothing when the table is
+the one loaded (so repeating a step is harmless). A transition on a table read with a
+damaged copy makes the next write heal it. Bits other than these three are never
+changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
 from core.errors import ConfigError
-from updater.boot.base import REGISTRY, BootContext, SlotState
+from updater.boot.base import REGISTRY, BootContext, BootState, SlotState, fall_back_from
 from updater.disk.gpt import GptDisk, Partition, read_gpt, write_gpt
 from updater.slots import SLOTS, other
 
@@ -50,8 +65,49 @@ def mark_primary(disk: GptDisk, label: str, other_label: str) -> GptDisk:
     return disk.replace(q.with_boot_attrs(priority=1))
 
 
+@dataclass(frozen=True)
+class GptPrioState:
+    """The GPT as it will be written (`table`) and as it was loaded (`loaded`);
+    `labels`: slot -> the PARTLABEL carrying its bits."""
+
+    table: GptDisk
+    loaded: GptDisk
+    labels: Mapping[str, str]
+
+    def _label(self, slot: str) -> str:
+        if slot not in self.labels:
+            raise ConfigError(f"gptprio: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+        return self.labels[slot]
+
+    def _with(self, table: GptDisk) -> GptPrioState:
+        # What will be written is whole: both copies are written from this table.
+        return dataclasses.replace(self, table=dataclasses.replace(table, damaged=[]))
+
+    def state(self, slot: str) -> SlotState:
+        return partition_state(self.table.find(self._label(slot)))
+
+    def primary(self) -> str | None:
+        bootable = [(self.table.find(self.labels[s]), s) for s in SLOTS]
+        # Highest priority wins; on a tie, slot order (as the firmware scans entries).
+        ranked = sorted((-p.priority, i, s) for i, (p, s) in enumerate(bootable) if will_boot(p))
+        return ranked[0][2] if ranked else None
+
+    def invalidate(self, slot: str) -> GptPrioState:
+        return self._with(mark_state(self.table, self._label(slot), False))
+
+    def try_next(self, slot: str) -> GptPrioState:
+        label = self._label(slot)
+        return self._with(mark_primary(self.table, label, self._label(other(slot))))
+
+    def commit(self, slot: str) -> GptPrioState:
+        return self._with(mark_state(self.table, self._label(slot), True))
+
+    def fall_back(self, slot: str) -> GptPrioState:
+        return fall_back_from(self, slot)
+
+
 class GptPrioBootloader:
-    """The `Bootloader` Protocol over the GPT of `ctx.disk`."""
+    """Loads and writes the boot bits in the GPT of `ctx.disk`."""
 
     name = "gptprio"
 
@@ -62,35 +118,22 @@ class GptPrioBootloader:
         labels = [ctx.slot_partitions[s] for s in SLOTS]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"gptprio: slots share the partition {labels[0]!r}")
-        self.disk = ctx.disk
+        self.disk: Path = ctx.disk
         self.labels = {s: ctx.slot_partitions[s] for s in SLOTS}
 
-    def _label(self, slot: str) -> str:
-        if slot not in self.labels:
-            raise ConfigError(f"gptprio: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
-        return self.labels[slot]
+    def load(self) -> GptPrioState:
+        table = read_gpt(self.disk)
+        for label in self.labels.values():
+            table.find(label)  # GPTError naming the disk and the label if it is not there
+        return GptPrioState(table, table, MappingProxyType(self.labels))
 
-    def _commit(self, before: GptDisk, after: GptDisk) -> None:
-        if after.partitions != before.partitions or before.damaged:
-            write_gpt(self.disk, after)
-
-    def get_state(self, slot: str) -> SlotState:
-        return partition_state(read_gpt(self.disk).find(self._label(slot)))
-
-    def set_state(self, slot: str, good: bool) -> None:
-        disk = read_gpt(self.disk)
-        self._commit(disk, mark_state(disk, self._label(slot), good))
-
-    def get_primary(self) -> str | None:
-        disk = read_gpt(self.disk)
-        bootable = [(disk.find(self.labels[s]), s) for s in SLOTS]
-        # Highest priority wins; on a tie, slot order (as the firmware scans entries).
-        ranked = sorted((-p.priority, i, s) for i, (p, s) in enumerate(bootable) if will_boot(p))
-        return ranked[0][2] if ranked else None
-
-    def set_primary(self, slot: str) -> None:
-        disk = read_gpt(self.disk)
-        self._commit(disk, mark_primary(disk, self._label(slot), self._label(other(slot))))
+    def write(self, state: BootState) -> GptPrioState:
+        if not isinstance(state, GptPrioState):
+            raise TypeError(f"gptprio: cannot write a {type(state).__name__}")
+        if state.table == state.loaded:
+            return state
+        write_gpt(self.disk, state.table)
+        return dataclasses.replace(state, loaded=state.table)
 
 
 REGISTRY["gptprio"] = GptPrioBootloader

@@ -1,27 +1,29 @@
-"""Choose a bootloader backend by the config's `bootloader` name.
+"""Choose and build a bootloader backend for a node's configuration.
 
-Importing this module imports every backend module that exists, and each one adds
-its factory to `updater.boot.base.REGISTRY`; `make_bootloader` is the one way the rest
-of the project gets a backend. Invariant: an unknown name is a `ConfigError` that
-names it and lists the known ones - never a KeyError.
+Importing this module imports every backend module, and each one adds its factory to
+`updater.boot.base.REGISTRY`; `bootloader_for` (from the config's device and slots) and
+`make_bootloader` (from a `BootContext`) are the one way the rest of the project gets
+a backend. The boot layer, not the agent, decides which partition carries a slot's
+gptprio bits (`bits_partitions`).
+
+Invariant: an unknown name is a `ConfigError` that names it and lists the known ones -
+never a KeyError.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import updater.boot.grub  # noqa: F401  (registers "grub")
+# Imported for their effect: each backend module registers itself in REGISTRY.
+import updater.boot.gptprio
+import updater.boot.grub  # noqa: F401
 from core.errors import ConfigError
 from updater.boot.base import REGISTRY, BootContext, Bootloader
+from updater.slots import SLOTS
 
-# Backends that may not be present in every checkout; imported only if they exist so
-# that a missing optional backend is an unknown name, not an ImportError at startup.
-_OPTIONAL_BACKENDS = ("updater.boot.gptprio",)
-
-for _module in _OPTIONAL_BACKENDS:
-    if importlib.util.find_spec(_module) is not None:
-        importlib.import_module(_module)
+if TYPE_CHECKING:  # updater.config imports this module for `known_bootloaders`
+    from updater.config import DeviceConfig
 
 
 def known_bootloaders() -> list[str]:
@@ -37,3 +39,21 @@ def make_bootloader(name: str, ctx: BootContext) -> Bootloader:
             f"unknown bootloader {name!r}; known bootloaders: {', '.join(known_bootloaders())}"
         )
     return factory(ctx)
+
+
+def bits_partitions(slots: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """slot -> PARTLABEL of the partition whose GPT attributes carry its boot bits: the
+    slot's `boot` partition if it has one (the ChromeOS convention: the partition the
+    firmware loads), else its `root` (the same role in both slots)."""
+    roles = slots[SLOTS[0]]
+    role = "boot" if "boot" in roles else ("root" if "root" in roles else sorted(roles)[0])
+    return {slot: slots[slot][role] for slot in SLOTS}
+
+
+def bootloader_for(device: DeviceConfig, slots: Mapping[str, Mapping[str, str]]) -> Bootloader:
+    """The backend the config's `[device]` names, for its disk, grubenv and `slots`
+    (slot -> role -> PARTLABEL)."""
+    ctx = BootContext(
+        disk=device.disk, grubenv=device.grubenv, slot_partitions=bits_partitions(slots)
+    )
+    return make_bootloader(device.bootloader, ctx)
