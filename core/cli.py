@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -113,8 +114,26 @@ class ProgramGroup(JsonGroup):
     exit code (and with --json one error object), for every command below it.
 
     The program's name in the line is this group's command path (`updater`, or
-    `updater tuf-client` for a protocol with its own name).
+    `updater tuf-client` for a protocol with its own name). `lazy_commands` maps a
+    command name to `"module:attribute"`, imported only when that command is asked for
+    (or listed by --help), so a command line loads the module of its own command only.
     """
+
+    def __init__(self, *args: Any, lazy_commands: Mapping[str, str] | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            module, _, attribute = self.lazy_commands[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            assert isinstance(command, click.Command), self.lazy_commands[cmd_name]
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -125,19 +144,24 @@ class ProgramGroup(JsonGroup):
             click.echo(f"{ctx.command_path}: error: {err}", err=True)
             raise click.exceptions.Exit(err.exit_code) from err
         except click.ClickException as err:
-            if json_mode(ctx):
+            # Reported once, by the outermost program (tuf-client sits inside updater).
+            if json_mode(ctx) and ctx.parent is None:
                 kind = type(err).__name__
                 echo_json({"error": err.format_message(), "kind": kind, "exit_code": err.exit_code})
             raise  # click prints its usual message, with the usage when there is one
 
 
-def program(name: str) -> Callable[[Callable[..., Any]], ProgramGroup]:
+def program(
+    name: str, lazy_commands: Mapping[str, str] | None = None
+) -> Callable[[Callable[..., Any]], ProgramGroup]:
     """Decorator: the root group of the console script `name` (-h/--help, --version,
     --json, the error handler). `name` is also the program name in every error line."""
 
     def decorate(f: Callable[..., Any]) -> ProgramGroup:
         f = click.version_option(__version__, prog_name=name)(f)
-        group = click.group(name, cls=ProgramGroup, context_settings=_HELP)(f)
+        group = click.group(
+            name, cls=ProgramGroup, context_settings=_HELP, lazy_commands=lazy_commands
+        )(f)
         assert isinstance(group, ProgramGroup)
         return group
 

@@ -181,6 +181,13 @@ def test_a_usage_error_after_json_is_a_document_too() -> None:
     assert "Usage: updater install" in done.stderr  # click's usual message stays
 
 
+def test_a_usage_error_in_a_group_of_a_group_is_one_document() -> None:
+    done = run("updater", "--json", "tuf-client", "--metadata-dir", "md", "no-such-command")
+    assert done.returncode == 2
+    (doc,) = documents(done.stdout)
+    assert doc["kind"] == "NoSuchCommand" and "no-such-command" in doc["error"], doc
+
+
 def test_details_are_merged_but_never_replace_the_error_keys() -> None:
     from core.cli import program
 
@@ -308,3 +315,5 @@ def test_status_and_health_check_import_no_heavy_library(node: Node) -> None:
         )
         assert "updater.agent" in modules or "updater.node" in modules, command
         assert heavy(modules) == [], command
+        # The command registry is lazy: the other groups' modules are not even loaded.
+        assert {"updater.cli.layout", "updater.cli.tufclient"}.isdisjoint(modules), command

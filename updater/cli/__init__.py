@@ -11,25 +11,49 @@ the tuf-conformance client protocol - one module per audience, because together 
 would pass ~500 lines.
 
 Invariant (fast start): importing this package and building its command tree costs
-click and the standard library only. Each command imports the library it needs when it
-runs, so `updater status` and `updater health-check` - every look, every boot - never
-load tuf, requests or cryptography (tests/integration/test_cli_json.py,
-bench/startup.py).
+click and the standard library only. The registry `COMMANDS` is lazy - a command line
+imports the module of its own command, not the others' - and each command imports the
+library it needs when it runs, so `updater status` and `updater health-check` (every
+look, every boot) never load tuf, requests or cryptography
+(tests/integration/test_cli_json.py, bench/startup.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from core.cli import program
-from updater.cli import agent, layout, tufclient
 
 DEFAULT_CONFIG = Path("/etc/updater/config.toml")
+_AGENT = "updater.cli.agent"
+# Every command: name -> "module:attribute", imported when the command is asked for.
+COMMANDS = {
+    "status": f"{_AGENT}:status",
+    "check": f"{_AGENT}:check",
+    "install": f"{_AGENT}:install",
+    "activate": f"{_AGENT}:activate",
+    "rollback": f"{_AGENT}:rollback",
+    "mark-good": f"{_AGENT}:mark_good",
+    "mark-bad": f"{_AGENT}:mark_bad",
+    "health-check": f"{_AGENT}:health_check",
+    "daemon": f"{_AGENT}:daemon",
+    "layout": "updater.cli.layout:layout",
+    "tuf-client": "updater.cli.tufclient:tuf_client",
+}
 
 
-@program("updater")
+@dataclass(frozen=True)
+class Settings:
+    """The group's options, for every command (`ctx.obj`)."""
+
+    config_path: Path
+    verbose: bool = False
+
+
+@program("updater", lazy_commands=COMMANDS)
 @click.option(
     "--config",
     "config_path",
@@ -48,11 +72,7 @@ def cli(ctx: click.Context, config_path: Path, verbose: bool) -> None:
     configuration, 3 update rejected (untrusted or bad data), 4 environment failure
     (network, disk, permissions), 5 health check failed and the node rolled back.
     """
-    ctx.obj = agent.Settings(config_path=config_path, verbose=verbose)
-
-
-for _command in (*agent.COMMANDS, layout.layout, tufclient.tuf_client):
-    cli.add_command(_command)
+    ctx.obj = Settings(config_path=config_path, verbose=verbose)
 
 
 def main() -> None:

@@ -8,32 +8,25 @@ its `{"event": "result", ...}`. Every command that changes the node takes `--wai
 whether to wait for it.
 
 Invariant: this module imports click and `updater.slots` only; the agent and its
-libraries are imported by `_agent`, when a command runs (fast start, see `updater.cli`).
+libraries are imported by `_agent`, when a command runs (fast start, see `updater.cli`,
+whose lazy registry `COMMANDS` names each command of this module).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from core.cli import echo_json, emit, json_mode
+from updater.cli import Settings
 from updater.slots import SLOTS
 
 if TYPE_CHECKING:
     from updater.agent import Agent, Progress
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The group's options, for every command (`ctx.obj`)."""
-
-    config_path: Path
-    verbose: bool = False
 
 
 # Options more than one command takes, defined once.
@@ -238,16 +231,3 @@ def daemon(ctx: click.Context, once: bool, wait: bool) -> None:
     """Poll for updates at the configured interval plus random jitter. A cycle that
     finds another updater changing the node is skipped (without --wait)."""
     _agent(ctx, wait=wait).daemon(once=once)
-
-
-COMMANDS: tuple[click.Command, ...] = (
-    status,
-    check,
-    install,
-    activate,
-    rollback,
-    mark_good,
-    mark_bad,
-    health_check,
-    daemon,
-)
