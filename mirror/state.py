@@ -8,17 +8,15 @@ Invariants:
 * `verify` trusts nothing in the directory: a fresh ngclient over `file://` from the
   caller's root, then every image the state lists, streamed and hashed.
 * `export` writes only below DEST: every path it joins comes from the validated
-  manifest and passes `mirror_store.below`; each file is temp + fsync + rename, an
+  manifest and passes `mirror.store.below`; each file is temp + fsync + rename, an
   image is hashed while copied and refused unless it matches its sha256 name, and the
   metadata is written last with `timestamp.json` very last.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +26,7 @@ from tuf.api.metadata import Metadata
 from tuf.api.serialization import DeserializationError
 
 from core.errors import ConfigError
-from core.fsutil import atomic_write, fsync_dir
+from core.fsutil import atomic_write, replacing
 from core.release import served_digest
 from core.repository import Repository
 from mirror.store import MirrorDir, MirrorError, MirrorRejected, below
@@ -187,22 +185,13 @@ def _copy_verified(src: Path, dest: Path) -> int:
     h = hashlib.sha256()
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        try:
-            with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
-                while chunk := fin.read(1 << 20):
-                    h.update(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
+        with src.open("rb") as fin, replacing(dest) as fout:
+            while chunk := fin.read(1 << 20):
+                h.update(chunk)
+                fout.write(chunk)
+            # Checked before the block ends: a mismatch leaves `dest` as it was.
             if expect is not None and h.hexdigest() != expect:
                 raise MirrorRejected(f"{src}: sha256 {h.hexdigest()} does not match its name")
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(dest.parent)
         return dest.stat().st_size
     except OSError as e:
         raise MirrorError(f"cannot copy {src} to {dest}: {e}") from e

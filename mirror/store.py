@@ -1,7 +1,6 @@
 """The on-disk layout of a mirror directory and its atomic publish.
 
     DIR/objects/<sha256>         verified target bytes, one file per content (hard-linked)
-    DIR/objects/.partial/        downloads in progress (never linked into a state)
     DIR/states/<n>/metadata/     verified TUF metadata bytes, exactly as upstream signed them
     DIR/states/<n>/targets/...   hard links to objects/, at their consistent-snapshot paths
     DIR/manifests/<n>.json       what state <n> holds (its own files, release info)
@@ -209,7 +208,6 @@ class MirrorDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.objects = root / "objects"
-        self.partial = self.objects / ".partial"
         self.states = root / "states"
         self.manifests = root / "manifests"
         self.current_link = root / "current"
@@ -217,7 +215,7 @@ class MirrorDir:
 
     def create(self) -> None:
         try:
-            for d in (self.root, self.objects, self.partial, self.states, self.manifests):
+            for d in (self.root, self.objects, self.states, self.manifests):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MirrorError(f"cannot create mirror directory {self.root}: {e.strerror}") from e
@@ -365,7 +363,9 @@ class MirrorDir:
 
     def collect_garbage(self) -> list[str]:
         """Remove states older than the previous one, staging leftovers, unreferenced
-        objects and partial downloads; returns the sha256 of the removed objects."""
+        objects and what an interrupted download left (a temporary file beside the objects,
+        or the `.partial/` directory older mirrors had); returns the sha256 of the
+        removed objects."""
         current = self.current_number()
         removed: list[str] = []
         try:
@@ -375,12 +375,12 @@ class MirrorDir:
                     shutil.rmtree(p)
                     with contextlib.suppress(FileNotFoundError):
                         (self.manifests / f"{p.name}.json").unlink()
-            for p in self.partial.iterdir():
-                p.unlink()
+            shutil.rmtree(self.objects / ".partial", ignore_errors=True)
             for p in self.objects.iterdir():
                 if p.is_file() and p.stat().st_nlink == 1:
                     p.unlink()
-                    removed.append(p.name)
+                    if not p.name.startswith("."):  # not a download's temporary file
+                        removed.append(p.name)
             fsync_dir(self.objects)
             fsync_dir(self.states)
         except OSError as e:

@@ -27,7 +27,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -35,7 +34,6 @@ import logging
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +44,7 @@ from tuf.api.metadata import Metadata, TargetFile  # type: ignore[attr-defined]
 
 from core import release
 from core.errors import ConfigError
+from core.fsutil import replacing
 from core.repository import Repository, TargetRejected
 from mirror.state import expiry, metadata_files
 from mirror.store import MirrorDir, MirrorError, MirrorRejected
@@ -209,22 +208,14 @@ def _fetch_object(
     same name); returns bytes written."""
     sha = sha256_of(wanted.target)
     obj = store.object_path(sha)
+    written = 0
     try:
-        fd, tmp = tempfile.mkstemp(dir=store.partial, prefix=f"{sha}.")
-        written = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in repo.stream_target(wanted.target, retries=retries, backoff=backoff):
-                    f.write(chunk)
-                    written += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            # stream_target returned: length and every hash matched.
-            os.rename(tmp, obj)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with replacing(obj) as f:
+            for chunk in repo.stream_target(wanted.target, retries=retries, backoff=backoff):
+                f.write(chunk)
+                written += len(chunk)
+            # stream_target returned: length and every hash matched; only now is the
+            # temporary file renamed over `obj`.
     except OSError as e:
         raise MirrorError(f"cannot store {wanted.path} as {obj}: {e}") from e
     return written

@@ -220,6 +220,9 @@ def _store_image(store: Store, release: Release, created: list[Path]) -> list[Ta
             stored = compress_stream(src, dst, release.compression, raw_size)
             # Parsed again with what was really read (the image may have changed).
             files = [release.target_file(hw, stored) for hw in release.hardware]
+            # Targets are public (every node and mirror reads them): world-readable, as
+            # metadata is, so a web server's unprivileged worker can serve the tree.
+            os.fchmod(dst.fileno(), 0o644)
             dst.flush()
             os.fsync(dst.fileno())
             failpoint("add-compressed")

@@ -125,6 +125,13 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
     root_json = repo / "metadata" / "root.json"
     assert root_json.read_bytes() == (repo / "metadata" / "1.root.json").read_bytes()
     assert not list((repo / "staged").iterdir())
+    # Targets and metadata are public: readable by a web server's unprivileged worker.
+    served = [p for p in (repo / "targets").rglob("*") if p.is_file()]
+    served += [p for p in (repo / "metadata").iterdir() if p.is_file()]
+    assert len(served) > 5
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) & 0o044 for p in served} == {
+        p.name: 0o044 for p in served
+    }
 
     status = json.loads(run("status", repo, "--json").stdout)
     for role in ("root", "targets", "snapshot", "timestamp"):
