@@ -98,7 +98,7 @@ class Release:
     def validate(self) -> None:
         """Refuse anything a node would not install: each target `add` would sign is
         built (with the image's size) and parsed back with the node's own parser
-        (`core.ReleaseFields.from_target`), so what `add` accepts is what a
+        (`core.release.ReleaseFields.from_target`), so what `add` accepts is what a
         node accepts, by construction. One line names the option and the rule."""
         if not self.hardware:
             raise SigningError("give at least one --hardware")

@@ -1,7 +1,7 @@
 """The agent's decisions, as pure functions of values: what a command does to the
 journal and the bootloader state, or why it refuses.
 
-As `release.select`, and python-tuf's `TrustedMetadataSet` beside its `Updater`: each
+As `updater.select.select`, and python-tuf's `TrustedMetadataSet` beside its `Updater`: each
 function takes the journal, the loaded boot state (`updater.boot.base.BootState`), the
 booted slot and - for the health check - the checks' result, and returns a `Step` (the
 new boot state and the new journal) or raises the error the user sees. `updater.agent`
