@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import ConfigError
-from core.release import check_role
+from core.release import check_name, check_role
 from core.textparse import loads_toml, read_toml
 from updater.boot.registry import known_bootloaders
 from updater.slots import SLOTS
@@ -326,8 +326,17 @@ def _repository(t: _Table) -> RepositoryConfig:
     return repo
 
 
+def _release_name(t: _Table, key: str, value: str) -> str:
+    """`value` if releases can carry it (the rule signed `hardware`/`channel` obey):
+    a name no release can have would make the node skip every release, silently."""
+    try:
+        return check_name(key, value)
+    except ValueError as err:
+        raise t.error(key, str(err)) from err
+
+
 def _device(t: _Table) -> DeviceConfig:
-    hardware = t.required_string("hardware")
+    hardware = _release_name(t, "hardware", t.required_string("hardware"))
     disk = t.path("disk", required=True)
     assert disk is not None
     bootloader = t.required_string("bootloader")
@@ -348,7 +357,7 @@ def _device(t: _Table) -> DeviceConfig:
         hardware=hardware,
         disk=disk,
         bootloader=bootloader,
-        channel=t.string("channel") or "stable",
+        channel=_release_name(t, "channel", t.string("channel") or "stable"),
         grubenv=grubenv,
         booted_slot=booted_slot,
         state_dir=t.path("state_dir") or DeviceConfig.state_dir,

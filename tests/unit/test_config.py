@@ -180,6 +180,10 @@ def test_file_url_accepted() -> None:
         ('hardware   = "x86_64-efi"\n', "", "[device] hardware: missing (required)"),
         ('hardware   = "x86_64-efi"', "hardware = 3", "[device] hardware: must be a string"),
         ('channel    = "stable"', 'chanel = "stable"', "[device] chanel: unknown key (known:"),
+        # Names no signed release can carry: the node would skip every release, silently.
+        ('hardware   = "x86_64-efi"', 'hardware = "x86 64/efi"', "[device] hardware: hardware"),
+        ('channel    = "stable"', 'channel = "Stable!"', "[device] channel: channel 'Stable!'"),
+        ('channel    = "stable"', 'channel = ".beta"', "is not a valid name (letters, digits"),
         ('booted_slot = "auto"', 'booted_slot = "C"', "[device] booted_slot: 'C' is not one of"),
         (
             '"http://127.0.0.1:8080/metadata"',
