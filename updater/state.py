@@ -34,6 +34,7 @@ from typing import Any
 
 from core.errors import UpdateFailed
 from core.fsutil import atomic_write, write_target
+from core.textparse import loads_json
 from updater.slots import SLOTS
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,10 @@ def _read(path: Path) -> Journal:
     if len(raw) > MAX_JOURNAL_BYTES:
         raise JournalFormatError(f"larger than {MAX_JOURNAL_BYTES} bytes")
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        # textparse: nesting past the recursion limit, 5000-digit numbers and NaN are
+        # ValueErrors too, so they are a damaged journal like any other, not a crash.
+        data = loads_json(raw.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError is one
         raise JournalFormatError(f"not JSON: {err}") from err
     return Journal.from_json(data)
 
