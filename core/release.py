@@ -347,7 +347,9 @@ def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> 
         try:
             fields = ReleaseFields.from_target(path, targets[path])
         except ValueError as err:
-            logger.warning("skipping target %s: malformed custom release data: %s", path, err)
+            # %r: a signed path is still untrusted text; a newline in it must not forge
+            # a log line (the error's own message quotes the value with repr too).
+            logger.warning("skipping target %r: malformed custom release data: %s", path, err)
             continue
         if hardware not in fields.hardware or fields.channel != channel:
             continue
