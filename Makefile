@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo setup-test setup-demo lint typecheck unit bench clean
+.PHONY: test demo setup-test setup-demo lint typecheck unit bench fuzz clean
 
 test: setup-test
 	$(VENV)/bin/ruff check .
@@ -27,6 +27,12 @@ typecheck: setup-test
 
 bench: setup-test
 	$(PY) bench/install.py --size-mib 256
+
+# The fuzz campaign of docs/fuzzing.md (about an hour on one core); `make test` replays
+# the corpus it keeps. RUNS=N per target, or name targets: make fuzz TARGETS="gpt".
+fuzz: setup-test
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[fuzz]'
+	sh tests/fuzz/campaign.sh $(TARGETS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache build *.egg-info
