@@ -60,7 +60,7 @@ from updater.decide import HealthAction, HealthOutcome, Step
 from updater.hooks import run_hook
 from updater.lock import LockBusy
 from updater.node import Node, changes_node
-from updater.slots import other
+from updater.slots import FileTarget, other
 from updater.state import Journal
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class Agent(Node):
         )
         if chosen is None:
             return None
-        return plan_writes(chosen, self.targets[other(self.booted)], self.config.roles)
+        return plan_writes(chosen, self.slot_targets[other(self.booted)], self.config.roles)
 
     def check(self, source: Path | None = None) -> dict[str, Any]:
         """Whether a newer release is available. Read-only: the outcome is recorded
@@ -239,12 +239,15 @@ class Agent(Node):
         source: Path | None = None,
         progress: Progress | None = None,
     ) -> InstallResult:
-        from updater import install  # decompression (zstandard): not for status/health
+        # decompression (zstandard): not for status/health
+        from updater import fileimage, install
 
         booted = self.booted
         inactive = other(booted)
         decide.check_can_install(journal, booted)
         guard = install.SlotGuard(self.targets[booted].values())
+        booted_files = [t for t in self.slot_targets[booted].values() if isinstance(t, FileTarget)]
+        file_guard = fileimage.FileGuard(booted, booted_files)
         boot = self.boot.load()
         repo = self.repository(source)
         # Everything that can be known before a byte is written is checked by now: the
@@ -276,17 +279,28 @@ class Agent(Node):
             for write in found.writes:
                 role, image, target = write.role, write.image, write.target
                 stream = repo.stream_target(image.target, retries=self.config.repository.retries)
-                result = install.write_image(
-                    stream,
-                    target,
-                    compression=image.compression,
-                    raw_length=image.raw_length,
-                    raw_sha256=image.raw_sha256,
-                    guard=guard,
-                    progress=_for_role(progress, role),
-                )
+                if isinstance(target, FileTarget):
+                    result = fileimage.write_file_image(
+                        stream,
+                        target,
+                        compression=image.compression,
+                        raw_length=image.raw_length,
+                        raw_sha256=image.raw_sha256,
+                        guard=file_guard,
+                        progress=_for_role(progress, role),
+                    )
+                else:
+                    result = install.write_image(
+                        stream,
+                        target,
+                        compression=image.compression,
+                        raw_length=image.raw_length,
+                        raw_sha256=image.raw_sha256,
+                        guard=guard,
+                        progress=_for_role(progress, role),
+                    )
                 images[role] = {
-                    "partition": target.label,
+                    "partition": target.label,  # a PARTLABEL, or file:PATH
                     "bytes": result.bytes_written,
                     "seconds": round(result.seconds, 3),
                 }
@@ -303,15 +317,17 @@ class Agent(Node):
 
     def _holds(self, journal: Journal, slot: str, chosen: Release) -> bool:
         """Whether `slot` already holds every image of `chosen`, verified by reading it back."""
-        from updater import install
+        from updater import fileimage, install
 
         if journal.version_in(slot) != chosen.version:
             return False
         try:
             for role, image in chosen.images.items():
-                install.read_back_verify(
-                    self.targets[slot][role], image.raw_length, image.raw_sha256
-                )
+                target = self.slot_targets[slot][role]
+                if isinstance(target, FileTarget):
+                    fileimage.read_back_verify_file(target, image.raw_length, image.raw_sha256)
+                else:
+                    install.read_back_verify(target, image.raw_length, image.raw_sha256)
         except UpdaterError as e:
             log.warning("slot %s no longer verifies (%s); writing it again", slot, e)
             return False

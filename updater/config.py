@@ -4,7 +4,8 @@ Every key is documented in docs/configuration.md. Invariants kept here:
 
 * a `Config` is fully validated: every URL has an allowed scheme, every number is in
   range, `slots.A` and `slots.B` name the same roles, `grubenv` is set iff the
-  bootloader is `grub`, the bootloader is a known backend;
+  bootloader is `grub`, `boot_entries` (and `esp`) iff it is `systemd-boot`, `esp` is
+  set when a role is a `file:` under it, the bootloader is a known backend;
 * unknown keys and tables are errors - a typo must never silently become a default;
 * every problem is one `ConfigError` line naming the file, the table and the key:
   ``config /etc/updater/config.toml: [device] bootloader: unknown bootloader 'foo' ...``;
@@ -31,10 +32,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import ConfigError
-from core.release import check_name, check_role
+from core.release import check_name, check_role, check_target_path
 from core.textparse import loads_toml, read_toml
 from updater.boot.registry import known_bootloaders
-from updater.slots import SLOTS
+from updater.slots import SLOTS, file_path, is_file_role
 
 REPOSITORY_SCHEMES = ("http", "https", "file")
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
@@ -76,6 +77,11 @@ class DeviceConfig:
     # os-release file of the running image; its IMAGE_VERSION= names the booted slot's
     # version when the journal does not know it yet (first boot of a factory image).
     os_release: Path = Path("/etc/os-release")
+    # Mount point of the EFI system partition: systemd-boot's entries, and the files of
+    # `file:` roles, are relative to it.
+    esp: Path | None = None
+    # systemd-boot: slot -> its boot entry, relative to `esp`, without boot counter.
+    boot_entries: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -349,6 +355,10 @@ def _device(t: _Table) -> DeviceConfig:
         raise t.error("grubenv", 'missing (required when bootloader = "grub")')
     if bootloader != "grub" and grubenv is not None:
         raise t.error("grubenv", f'only used by bootloader = "grub", not {bootloader!r}')
+    esp = t.path("esp")
+    boot_entries = _boot_entries(t, bootloader)
+    if bootloader == "systemd-boot" and esp is None:
+        raise t.error("esp", 'missing (required when bootloader = "systemd-boot")')
     booted_slot = t.string("booted_slot") or "auto"
     if booted_slot not in ("auto", *SLOTS):
         allowed = ", ".join(("auto", *SLOTS))
@@ -362,9 +372,43 @@ def _device(t: _Table) -> DeviceConfig:
         booted_slot=booted_slot,
         state_dir=t.path("state_dir") or DeviceConfig.state_dir,
         os_release=t.path("os_release") or DeviceConfig.os_release,
+        esp=esp,
+        boot_entries=boot_entries,
     )
     t.finish()
     return device
+
+
+def _boot_entries(t: _Table, bootloader: str) -> Mapping[str, str]:
+    """`boot_entries = { A = "EFI/Linux/ab-A.efi", B = "..." }`: systemd-boot only."""
+    from updater.boot.sdboot import entry_path
+
+    raw = t.raw("boot_entries", False)
+    if bootloader != "systemd-boot":
+        if raw is not None:
+            raise t.error(
+                "boot_entries", f'only used by bootloader = "systemd-boot", not {bootloader!r}'
+            )
+        return MappingProxyType({})
+    if raw is None:
+        raise t.error("boot_entries", 'missing (required when bootloader = "systemd-boot")')
+    if not isinstance(raw, dict) or set(raw) != set(SLOTS):
+        raise t.error(
+            "boot_entries", f"must be a table naming the entry of each slot ({', '.join(SLOTS)})"
+        )
+    entries = _Table(t.file, t.name, raw, prefix="boot_entries.")
+    found: dict[str, str] = {}
+    for slot in SLOTS:
+        value = entries.required_string(slot)
+        try:
+            entry_path(value)
+            check_target_path(value)
+        except (ConfigError, ValueError) as err:
+            raise entries.error(slot, str(err)) from err
+        found[slot] = value
+    if found[SLOTS[0]].casefold() == found[SLOTS[1]].casefold():
+        raise entries.error(SLOTS[1], "names the same entry as slot " + SLOTS[0])
+    return MappingProxyType(found)
 
 
 def _slots(root: _Table) -> Mapping[str, Mapping[str, str]]:
@@ -381,6 +425,11 @@ def _slots(root: _Table) -> Mapping[str, Mapping[str, str]]:
             except ValueError as err:
                 raise sub.error(role, str(err)) from err
             roles[role] = sub.required_string(role)
+            if is_file_role(roles[role]):
+                try:
+                    check_target_path(file_path(roles[role]))
+                except ValueError as err:
+                    raise sub.error(role, f"file: {err}") from err
         result[slot] = MappingProxyType(roles)
     table.finish()
     first, second = SLOTS
@@ -391,12 +440,17 @@ def _slots(root: _Table) -> Mapping[str, Mapping[str, str]]:
             f"config {root.file}: [slots.{lacking}] {missing}: missing "
             f"(slots.{first} and slots.{second} must name the same roles)"
         )
-    labels = [label for roles in result.values() for label in roles.values()]
+    # FAT (the ESP) compares names case-insensitively: so do `file:` roles here.
+    labels = [
+        label.casefold() if is_file_role(label) else label
+        for roles in result.values()
+        for label in roles.values()
+    ]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise ConfigError(
             f"config {root.file}: [slots]: partition {duplicates[0]!r} is named twice "
-            "(each role of each slot needs its own partition)"
+            "(each role of each slot needs its own partition or file)"
         )
     return MappingProxyType(result)
 
@@ -491,6 +545,11 @@ def _config(data: dict[str, Any], path: Path) -> Config:
         daemon=_daemon(_sub_table(root, "daemon", required=False)),
         hooks=_hooks(_sub_table(root, "hooks", required=False)),
     )
+    files = [r for roles in config.slots.values() for r in roles.values() if is_file_role(r)]
+    if files and config.device.esp is None:
+        raise ConfigError(
+            f"config {path}: [device] esp: missing (required by the file role {files[0]!r})"
+        )
     unknown = sorted(set(data) - root.seen)
     if unknown:
         known = ", ".join(sorted(root.seen))

@@ -92,7 +92,19 @@ def activate(
         raise UpdateRejected(
             f"slot {slot} holds no verified image according to the journal; install into it first"
         )
-    return Step(boot.try_next(slot), journal.with_pending(slot, version, now))
+    trial = boot.try_next(slot)
+    if trial.primary() != slot:
+        # Never record a pending slot the bootloader would not boot: systemd-boot, say,
+        # orders UKIs by version and cannot try an older one while a newer is good.
+        raise UpdateRejected(
+            f"slot {slot} ({version}) would not be booted next: the bootloader's own order "
+            f"puts {_slot_or_none(trial.primary())} first; nothing was changed"
+        )
+    return Step(trial, journal.with_pending(slot, version, now))
+
+
+def _slot_or_none(slot: str | None) -> str:
+    return "no slot" if slot is None else f"slot {slot}"
 
 
 def rollback(journal: Journal, boot: BootState, booted: str) -> tuple[str, Step]:

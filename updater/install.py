@@ -36,7 +36,7 @@ from pathlib import Path
 
 from core.decompress import COMPRESSIONS, ChunkSource, open_raw_reader
 from core.errors import DeviceError, SlotGuardError, UpdateRejected
-from updater.slots import PartitionTarget
+from updater.slots import PartitionTarget, Target
 
 BLOCK_SIZE = 4 << 20  # one pwrite; large and aligned (partitions start on MiB boundaries)
 PROGRESS_INTERVAL = 0.5  # seconds between progress callbacks
@@ -203,8 +203,9 @@ def _open_for_writing(guard: SlotGuard, target: PartitionTarget) -> int:
 # --- writing and verifying -----------------------------------------------------------
 
 
-def check_image(target: PartitionTarget, compression: str, raw_length: int, sha: str) -> None:
-    """Refuse an image that cannot be written to `target` (pure: used to plan, too)."""
+def check_image(target: Target, compression: str, raw_length: int, sha: str) -> None:
+    """Refuse an image that cannot be written to `target` - a partition or a file (pure:
+    used to plan, too)."""
     if compression not in COMPRESSIONS:
         raise ImageRejected(f"image for {target.describe()}: unknown compression {compression!r}")
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
@@ -212,7 +213,7 @@ def check_image(target: PartitionTarget, compression: str, raw_length: int, sha:
     _check_length(target, raw_length)
 
 
-def _check_length(target: PartitionTarget, raw_length: int) -> None:
+def _check_length(target: Target, raw_length: int) -> None:
     if raw_length <= 0:
         raise ImageRejected(f"image for {target.describe()}: raw_length {raw_length} <= 0")
     if raw_length > target.size:

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from core.errors import UpdateFailed
 from updater.boot.base import Bootloader, SlotState
 from updater.boot.registry import bootloader_for
 from updater.config import Config
 from updater.disk import blockdev
 from updater.lock import StateLock
 from updater.osrelease import image_version
-from updater.slots import SLOTS, PartitionTarget
+from updater.slots import SLOTS, FileTarget, PartitionTarget, Target, file_path, is_file_role
 from updater.state import Journal, load_journal, save_journal
 
 log = logging.getLogger(__name__)
@@ -71,12 +74,33 @@ class Node:
 
     @property
     def targets(self) -> dict[str, dict[str, PartitionTarget]]:
-        """slot -> role -> partition, from the disk's GPT (and udev where it runs)."""
+        """slot -> role -> partition, from the disk's GPT (and udev where it runs); the
+        roles that are partitions (not `file:` roles)."""
         if self._targets is None:
-            self._targets = blockdev.find_slot_partitions(
-                self.config.device.disk, self.config.slots
-            )
+            partitions = {
+                slot: {r: v for r, v in roles.items() if not is_file_role(v)}
+                for slot, roles in self.config.slots.items()
+            }
+            self._targets = blockdev.find_slot_partitions(self.config.device.disk, partitions)
         return self._targets
+
+    @property
+    def slot_targets(self) -> dict[str, dict[str, Target]]:
+        """slot -> role -> partition or file: every role of the config. A file's size is
+        the free space on its filesystem (the ESP) now."""
+        found: dict[str, dict[str, Target]] = {s: dict(t) for s, t in self.targets.items()}
+        device = self.config.device
+        for slot, roles in self.config.slots.items():
+            for role, value in roles.items():
+                if not is_file_role(value):
+                    continue
+                assert device.esp is not None  # the config requires it for file roles
+                path = file_path(value)
+                entry = device.boot_entries.get(slot, "").casefold() == path.casefold()
+                found[slot][role] = FileTarget(
+                    slot, role, device.esp, path, size=_free_bytes(device.esp), entry=entry
+                )
+        return found
 
     def forget_disk(self) -> None:
         """Read the partitions (the GPT) again on next use."""
@@ -85,7 +109,15 @@ class Node:
     @property
     def booted(self) -> str:
         if self._booted is None:
-            self._booted = blockdev.booted_slot(self.targets, self.config.device.booted_slot)
+            device = self.config.device
+            loader_slot = None
+            if device.boot_entries and device.booted_slot == "auto":
+                from updater.boot.sdboot import loader_entry_selected, slot_of_entry
+
+                selected = loader_entry_selected()
+                if selected is not None:
+                    loader_slot = slot_of_entry(selected, device.boot_entries)
+            self._booted = blockdev.booted_slot(self.targets, device.booted_slot, loader_slot)
         return self._booted
 
     @property
@@ -131,7 +163,7 @@ class Node:
                 if slot == booted
                 else journal.version_in(slot),
                 "booted": slot == booted,
-                "partitions": {r: t.label for r, t in sorted(self.targets[slot].items())},
+                "partitions": {r: t.label for r, t in sorted(self.slot_targets[slot].items())},
             }
         pending = journal.pending
         return {
@@ -148,3 +180,13 @@ class Node:
             "last_check": journal.last_check,
             "last_error": journal.last_error,
         }
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes a file may still take on the filesystem of `path` (1 if it is full, so that
+    a plan refuses every image naming the size instead of failing on a zero size)."""
+    try:
+        st = os.statvfs(path)
+    except OSError as err:
+        raise UpdateFailed(f"[device] esp {path}: {err.strerror}") from err
+    return max(st.f_bavail * st.f_frsize, 1)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from core.errors import UpdateRejected
 from core.release import Image, Release, check_roles
 from updater.install import check_image
-from updater.slots import PartitionTarget
+from updater.slots import Target
 
 
 class ReleaseUnfit(UpdateRejected):
@@ -32,7 +32,7 @@ class ReleaseUnfit(UpdateRejected):
 class PlannedWrite:
     role: str
     image: Image
-    target: PartitionTarget
+    target: Target  # a partition, or a file on the ESP (`file:` roles)
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,10 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def plan_writes(
-    chosen: Release, targets: Mapping[str, PartitionTarget], roles: Collection[str]
-) -> Plan:
-    """The writes that install `chosen` into the slot whose partitions are `targets`
-    (role -> partition), or `ReleaseUnfit` / `ReleaseRejected` saying why it cannot be."""
+def plan_writes(chosen: Release, targets: Mapping[str, Target], roles: Collection[str]) -> Plan:
+    """The writes that install `chosen` into the slot whose partitions and files are
+    `targets` (role -> target), or `ReleaseUnfit` / `ReleaseRejected` saying why it
+    cannot be. A file's size is the free space it may take on its filesystem."""
     check_roles(chosen, roles)
     writes: list[PlannedWrite] = []
     for role, image in sorted(chosen.images.items()):

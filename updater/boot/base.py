@@ -20,12 +20,14 @@ failed health check - is one load, pure transitions, one write.
 | `primary()` | the slot the bootloader will boot next, or None if none will boot |
 
 Invariants: transitions are pure and total on the known slots (an unknown slot is a
-`ConfigError`), and repeating one gives an equal value; `write` is one atomic write
-(temp file + fsync + rename for grubenv; backup-then-primary GPT for gptprio) of the
-value's whole metadata, or nothing if the value equals what `load` returned; a backend
-never touches a slot's contents. A value is written over what the file holds at that
-moment: load, decide and write happen under the state directory's lock
-(`updater.lock`), and GRUB or the firmware only write at boot.
+`ConfigError`), and repeating one gives an equal value; `write` persists the value's
+whole metadata in one step that a power cut leaves either before or after (temp file
++ fsync + rename for grubenv; backup-then-primary GPT for gptprio; for systemd-boot
+fsync'd entry renames and one loader.conf replace, ordered so that every state in
+between boots the old or the new choice), or nothing if the value equals what `load`
+returned; a backend never touches a slot's contents. A value is written over what the
+files hold at that moment: load, decide and write happen under the state directory's
+lock (`updater.lock`), and the bootloader or the firmware only write at boot.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class BootContext:
     # slot -> PARTLABEL of the partition whose GPT attributes carry the slot's
     # priority/tries/successful bits (chosen by `updater.boot.registry.bits_partitions`).
     slot_partitions: Mapping[str, str] = field(default_factory=dict)
+    # systemd-boot: the mounted ESP, and slot -> its boot entry's file relative to the
+    # ESP, without a boot counter (`EFI/Linux/ab-A.efi`, `loader/entries/ab-a.conf`).
+    esp: Path | None = None
+    slot_entries: Mapping[str, str] = field(default_factory=dict)
 
 
 class BootState(Protocol):

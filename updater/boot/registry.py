@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 # Imported for their effect: each backend module registers itself in REGISTRY.
 import updater.boot.gptprio
-import updater.boot.grub  # noqa: F401
+import updater.boot.grub
+import updater.boot.sdboot  # noqa: F401
 from core.errors import ConfigError
 from updater.boot.base import REGISTRY, BootContext, Bootloader
 from updater.slots import SLOTS
@@ -54,6 +55,10 @@ def bootloader_for(device: DeviceConfig, slots: Mapping[str, Mapping[str, str]])
     """The backend the config's `[device]` names, for its disk, grubenv and `slots`
     (slot -> role -> PARTLABEL)."""
     ctx = BootContext(
-        disk=device.disk, grubenv=device.grubenv, slot_partitions=bits_partitions(slots)
+        disk=device.disk,
+        grubenv=device.grubenv,
+        slot_partitions=bits_partitions(slots),
+        esp=device.esp,
+        slot_entries=device.boot_entries,
     )
     return make_bootloader(device.bootloader, ctx)

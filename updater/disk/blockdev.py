@@ -158,14 +158,17 @@ def detect_booted_slot(
     targets: SlotTargets,
     override: str = "auto",
     device_numbers: Mapping[Path, str] | None = None,
+    loader_slot: str | None = None,
 ) -> str:
     """The slot the running system booted from, by the first evidence that exists:
 
     1. `override` "A" / "B" (the config's `booted_slot`);
     2. `updater.slot=X` on the kernel command line (our GRUB script passes it);
-    3. `root=PARTLABEL=...`, `root=PARTUUID=...` or `root=/dev/...` naming a slot's
+    3. `loader_slot`: the slot whose boot entry systemd-boot says it booted (its
+       `LoaderEntrySelected` EFI variable, read by the caller);
+    4. `root=PARTLABEL=...`, `root=PARTUUID=...` or `root=/dev/...` naming a slot's
        partition;
-    4. the device mounted at `/` (major:minor from `mountinfo`) being a slot partition,
+    5. the device mounted at `/` (major:minor from `mountinfo`) being a slot partition,
        with `device_numbers` mapping partition nodes to their "major:minor".
 
     Pure: the caller reads /proc (see `booted_slot`). No evidence -> UpdateFailed.
@@ -184,6 +187,8 @@ def detect_booted_slot(
                     f"{', '.join(SLOTS)}"
                 )
             return match.group(1)
+    if loader_slot in SLOTS:
+        return loader_slot
     roots = [arg[len("root=") :] for arg in args if arg.startswith("root=")]
     if roots:
         slot = _slot_of_root(roots[-1], targets)
@@ -222,7 +227,9 @@ def _slot_of_root(root: str, targets: SlotTargets) -> str | None:
     return None
 
 
-def booted_slot(targets: SlotTargets, override: str = "auto") -> str:
+def booted_slot(
+    targets: SlotTargets, override: str = "auto", loader_slot: str | None = None
+) -> str:
     """`detect_booted_slot` on this machine's /proc/cmdline and /proc/self/mountinfo."""
     try:
         cmdline = Path("/proc/cmdline").read_text()
@@ -238,4 +245,4 @@ def booted_slot(targets: SlotTargets, override: str = "auto") -> str:
                 continue
             if stat.S_ISBLK(st.st_mode):
                 numbers[target.path] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    return detect_booted_slot(cmdline, mountinfo, targets, override, numbers)
+    return detect_booted_slot(cmdline, mountinfo, targets, override, numbers, loader_slot)
