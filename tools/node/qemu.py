@@ -67,7 +67,24 @@ class BootResult:
         return None
 
 
-def _qemu_argv(node: Node, updates_disk: Path | None, memory_mib: int) -> list[str]:
+def _node_drive(node: Node, write_log: Path | None) -> list[str]:
+    """The node disk's block backend: the raw file, or the file behind QEMU's
+    `blklogwrites` driver, which appends every write, flush and discard the guest issues
+    (with the written data, in dm-log-writes format) to `write_log` - the ground truth
+    of what the disk saw, in order (tools/powercut reads and replays it)."""
+    if write_log is None:
+        return ["-drive", f"if=none,id=node,format=raw,file={node.disk}"]
+    return [
+        "-blockdev", f"driver=file,node-name=node-file,filename={node.disk}",
+        "-blockdev", f"driver=file,node-name=node-log,filename={write_log}",
+        "-blockdev", "driver=blklogwrites,node-name=node,file=node-file,log=node-log,"
+        "log-append=off,log-sector-size=512",
+    ]  # fmt: skip
+
+
+def _qemu_argv(
+    node: Node, updates_disk: Path | None, memory_mib: int, write_log: Path | None = None
+) -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise RuntimeError("qemu-system-x86_64 is not installed; run `make test`")
@@ -78,7 +95,7 @@ def _qemu_argv(node: Node, updates_disk: Path | None, memory_mib: int) -> list[s
         "-net", "none", "-no-reboot",
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={node.ovmf_vars}",
-        "-drive", f"if=none,id=node,format=raw,file={node.disk}",
+        *_node_drive(node, write_log),
         "-device", "nvme,drive=node,serial=e2e-node",
     ]  # fmt: skip
     if updates_disk is not None:
@@ -121,12 +138,20 @@ def boot(
     timeout: float = DEFAULT_TIMEOUT,
     memory_mib: int = 512,
     kill_when: Callable[[str], bool] | None = None,
+    write_log: Path | None = None,
 ) -> BootResult:
     """Power the node on once; return when QEMU exits (or is killed at `timeout`, or
-    when a console line satisfies `kill_when`: a power cut at that moment)."""
+    when a console line satisfies `kill_when`: a power cut at that moment).
+
+    `write_log`: record every write, flush and discard the guest issues to the node
+    disk in this file (created empty; QEMU's blklogwrites driver, dm-log-writes format).
+    """
     number = len(list(node.workdir.glob("serial-*.log"))) + 1
     log_path = node.workdir / f"serial-{number}.log"
-    argv = _qemu_argv(node, updates_disk, memory_mib)
+    if write_log is not None:
+        write_log.unlink(missing_ok=True)
+        write_log.touch()
+    argv = _qemu_argv(node, updates_disk, memory_mib, write_log)
     chunks: list[bytes] = []
     panic = threading.Event()
     killed: list[str] = []

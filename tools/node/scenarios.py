@@ -289,8 +289,11 @@ class Scenario:
         *,
         timeout: float = 240.0,
         kill_when: Callable[[str], bool] | None = None,
+        write_log: Path | None = None,
     ) -> Boot:
-        """Power on once; `commands` run after the image's own health check."""
+        """Power on once; `commands` run after the image's own health check.
+
+        `write_log`: record the node disk's writes and flushes there (`boot`'s option)."""
         number = len(self.boots) + 1
         updates = None
         if commands:
@@ -299,7 +302,13 @@ class Scenario:
                 self.workdir / f"updates-{number}.img",
                 commands=tuple(commands),
             )
-        result = boot(self.node, updates_disk=updates, timeout=timeout, kill_when=kill_when)
+        result = boot(
+            self.node,
+            updates_disk=updates,
+            timeout=timeout,
+            kill_when=kill_when,
+            write_log=write_log,
+        )
         if updates is not None:
             updates.unlink()
         at_boot = grubenv_marker(result)
