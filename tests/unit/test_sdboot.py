@@ -135,6 +135,23 @@ def test_names_round_trip_and_bless_like_systemd_bless_boot(
     assert name.with_tries(1).booted_once().bad  # one try, spent by one boot
 
 
+def test_a_name_as_found_is_the_one_renamed_from() -> None:
+    # kernel-install writes `+3` (no DONE part): the file to rename is `foo+3.conf`,
+    # not the `foo+3-0.conf` that the counter would print as.
+    found = bls.EntryName.parse("foo+3.conf")
+    assert (found.left, found.done, found.name) == (3, 0, "foo+3.conf")
+    assert found == bls.EntryName("foo", ".conf", 3, 0)  # the same entry and counter
+    assert found.booted_once().name == "foo+2-1.conf"
+    assert found.blessed().name == "foo.conf" and found.cursed().name == "foo+0-0.conf"
+    assert found.with_tries(1).name == "foo+1-0.conf"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_parse_keeps_any_name_as_found(text: str) -> None:
+    assert bls.EntryName.parse(text).name == text
+
+
 def test_a_glob_naming_one_entry_wins_even_with_no_tries_left() -> None:
     """systemd-boot's config_entry_find: why a trial needs a glob naming both slots."""
     good = bls.Entry(bls.EntryName("ab-a", ".conf"), "ab", "1.0.0")

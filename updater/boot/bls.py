@@ -24,8 +24,9 @@ know what systemd-boot will boot next, exactly as systemd-boot decides it.
   matches the fallback entry too (`updater.boot.sdboot` writes such a glob while a slot
   is on trial).
 
-Invariants: `EntryName.parse(n.name) == n` for every name built here, and `parse` is
-total (never raises) on any string; `compare` is a total preorder; nothing here
+Invariants: `EntryName.parse(n.name) == n` for every name built here, `parse(s).name
+== s` for every string (the name as found is kept), and `parse` is total (never
+raises); `compare` is a total preorder; nothing here
 touches a file.
 """
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 INT_MAX = 2**31 - 1  # systemd-boot and bootctl refuse larger counters
@@ -49,24 +50,30 @@ class EntryName:
     suffix: str  # ".conf", ".efi" as written (FAT is case-insensitive)
     left: int | None = None  # None: no boot counter
     done: int = 0
+    # The file name as found on disk, when `parse` read one (`foo+3.conf` is `+3-0`
+    # but must be renamed from its own name); a transition makes a new name.
+    written: str = field(default="", compare=False)
 
     @classmethod
     def parse(cls, name: str) -> EntryName:
         dot = name.rfind(".")
         if dot < 0:
-            return cls(name, "")
+            return cls(name, "", written=name)
         base, suffix = name[:dot], name[dot:]
         plus = base.rfind("+")
         if plus < 0:
-            return cls(base, suffix)
+            return cls(base, suffix, written=name)
         counter = base[plus + 1 :]
         left_text, dash, done_text = counter.partition("-")
         if not _is_count(left_text) or (dash and not _is_count(done_text)):
-            return cls(base, suffix)
-        return cls(base[:plus], suffix, int(left_text), int(done_text) if dash else 0)
+            return cls(base, suffix, written=name)
+        done = int(done_text) if dash else 0
+        return cls(base[:plus], suffix, int(left_text), done, written=name)
 
     @property
     def name(self) -> str:
+        if self.written:
+            return self.written
         if self.left is None:
             return f"{self.stem}{self.suffix}"
         return f"{self.stem}+{self.left}-{self.done}{self.suffix}"
@@ -94,21 +101,22 @@ class EntryName:
 
     def blessed(self) -> EntryName:
         """`systemd-bless-boot good`: the counter is dropped."""
-        return replace(self, left=None, done=0)
+        return replace(self, left=None, done=0, written="")
 
     def cursed(self) -> EntryName:
         """`systemd-bless-boot bad`: `+0-DONE`, DONE kept (0 for an entry without one)."""
-        return replace(self, left=0, done=self.done if self.counted else 0)
+        return replace(self, left=0, done=self.done if self.counted else 0, written="")
 
     def with_tries(self, tries: int) -> EntryName:
         """A fresh counter: `tries` left, none done."""
-        return replace(self, left=tries, done=0)
+        return replace(self, left=tries, done=0, written="")
 
     def booted_once(self) -> EntryName:
         """What systemd-boot renames a counted entry to as it boots it."""
         if self.left is None:
             return self
-        return replace(self, left=max(self.left - 1, 0), done=min(self.done + 1, INT_MAX))
+        left, done = max(self.left - 1, 0), min(self.done + 1, INT_MAX)
+        return replace(self, left=left, done=done, written="")
 
 
 def _is_count(text: str) -> bool:
