@@ -305,6 +305,10 @@ class Agent(Node):
                     "seconds": round(result.seconds, 3),
                 }
                 failpoint(f"written:{role}")
+            if any(isinstance(w.target, FileTarget) for w in found.writes):
+                # A file on the ESP may be a boot entry (a UKI) that the write just
+                # created: the boot state is what is on the ESP now.
+                boot = self.boot.load()
             journal = journal.with_installed(inactive, chosen.version)
             self._save(journal)
             failpoint("recorded")
