@@ -12,6 +12,10 @@ d. power cuts while the agent writes the inactive slot (seeded random points, fr
    retried install succeeds.
 e. the `gptprio` backend: the agent writes the GPT bits in the guest, `cgpt` reads
    them after each run; the host plays the gptprio chooser (see docs/e2e.md).
+f-h. the `systemd-boot` backend with real systemd-boot and UKIs (docs/systemd-boot.md):
+   f. update: B gets one try (`+1-0`), systemd-boot spends it, the health check blesses
+   it; g. a panicking kernel: the spent counter makes systemd-boot boot A, the agent
+   records the failure; h. a failed health check marks the slot bad and reboots.
 
 The boots run in tools/node/scenarios.py, started in the background when the session
 begins (conftest.py: two QEMUs at a time); each test waits for its own scenario and
@@ -38,6 +42,7 @@ from tools.node.scenarios import (
     Scenario,
     job,
 )
+from tools.node.sdboot_scenarios import SdBootScenario
 
 pytestmark = pytest.mark.e2e
 
@@ -207,3 +212,89 @@ def test_e_gptprio_backend_writes_the_bits_cgpt_reads(
     assert b2.gpt["B"] == {"priority": 2, "tries": 0, "successful": 1}
     assert b2.gpt["A"] == {"priority": 1, "tries": 0, "successful": 1}
     assert b2.journal["pending"] is None
+
+
+# --- systemd-boot (tools/node/sdboot_scenarios.py, docs/systemd-boot.md) ------------------
+
+
+def test_f_systemd_boot_tries_b_once_and_the_health_check_commits_it(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    node: SdBootScenario = scenario_runner.result("sd", job("sd", e2e_cache))
+    b1, b2, b3 = node.boots[:3]
+
+    # Boot 1: systemd-boot picks A (committed); v1 installs v2 - root and UKI - into B.
+    assert b1.loader_entry == "ab-a.efi" and (b1.slot, b1.version) == ("A", "1.0.0")
+    assert b1.install is not None and b1.install["activated"], b1.result.log_path
+    assert b1.result.exit_reason == "reboot"
+    assert b1.esp.ukis == ("ab-A.efi", "ab-B+1-0.efi")  # B: exactly one try
+    assert b1.esp.default == "ab-*.efi"  # both slots: B first while it has its try
+    assert b1.holds["B"] == "2.0.0" and b1.ukis["B"] == "2.0.0"
+    assert b1.journal["pending"]["slot"] == "B"
+
+    # Boot 2: systemd-boot takes B's try (renames it +0-1 before starting it); the
+    # health check blesses it (counter dropped) and makes it the default.
+    assert b2.loader_entry == "ab-b+1-0.efi", b2.result.log_path
+    assert b2.esp_at_boot == ("ab-A.efi", "ab-B+0-1.efi")
+    assert (b2.slot, b2.version) == ("B", "2.0.0")
+    assert b2.health == "committed"
+    assert b2.esp.ukis == ("ab-A.efi", "ab-B.efi") and b2.esp.default == "ab-b.efi"
+    assert b2.journal["pending"] is None
+
+    # Boot 3: still B - committed, no counter left to spend.
+    assert b3.loader_entry == "ab-b.efi" and (b3.slot, b3.version) == ("B", "2.0.0")
+    assert b3.esp_at_boot == ("ab-A.efi", "ab-B.efi")
+    assert b3.ukis["B"] == "2.0.0"  # the booted slot's UKI was not written
+
+
+def test_g_systemd_boot_falls_back_when_the_kernel_panics_and_the_agent_records_it(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    node: SdBootScenario = scenario_runner.result("sdpanic", job("sdpanic", e2e_cache))
+    b1, b2, b3 = node.boots
+
+    assert b1.install is not None and b1.install["activated"], b1.result.log_path
+    assert b1.esp.ukis == ("ab-A.efi", "ab-B+1-0.efi") and b1.holds["B"] == "2.0.0"
+
+    # B's one try: systemd-boot renames it +0-1, starts it, and the kernel panics
+    # (before user space: nothing of the node ran).
+    assert "Kernel panic - not syncing" in b2.result.serial_log, b2.result.log_path
+    assert b2.result.exit_reason == "panic" and b2.slot is None
+    assert b2.esp.ukis == ("ab-A.efi", "ab-B+0-1.efi")  # the try, spent
+
+    # No tries left: B sorts last, the glob picks A; the agent records the failure.
+    assert b3.loader_entry == "ab-a.efi", b3.result.log_path
+    assert (b3.slot, b3.version) == ("A", "1.0.0")
+    assert b3.health == "fell-back" and b3.result.exit_status(HEALTH) == 5
+    assert list(b3.journal["failed_versions"]) == ["2.0.0"]
+    assert b3.journal["pending"] is None
+    install = b3.install
+    assert install is not None and not install["installed"], b3.result.log_path  # no retry
+    # B stays `+0-1` (sorted last), so the glob keeps choosing A: nothing to rewrite.
+    assert b3.esp.ukis == ("ab-A.efi", "ab-B+0-1.efi") and b3.esp.default == "ab-*.efi"
+    assert b3.result.exit_reason == "poweroff"
+
+
+def test_h_systemd_boot_failed_health_check_marks_the_slot_bad_and_reboots_into_the_other(
+    scenario_runner: Runner, e2e_cache: Path
+) -> None:
+    node: SdBootScenario = scenario_runner.result("sd", job("sd", e2e_cache))
+    b3, b4, b5 = node.boots[2:5]
+
+    # From B, v3 (whose health check fails) goes into A - root and UKI - with one try.
+    assert b3.install is not None and b3.install["activated"], b3.result.log_path
+    assert b3.esp.ukis == ("ab-A+1-0.efi", "ab-B.efi") and b3.esp.default == "ab-*.efi"
+    assert b3.holds == {"A": "3.0.0", "B": "2.0.0"} and b3.ukis["A"] == "3.0.0"
+
+    # A's try: its health check fails, marks A bad (+0-N), names B the default, reboots.
+    assert b4.loader_entry == "ab-a+1-0.efi" and (b4.slot, b4.version) == ("A", "3.0.0")
+    assert b4.health == "rolled-back" and b4.result.exit_reason == "reboot"
+    assert b4.esp.ukis == ("ab-A+0-1.efi", "ab-B.efi") and b4.esp.default == "ab-b.efi"
+    assert list(b4.journal["failed_versions"]) == ["3.0.0"]
+
+    # systemd-boot boots B; a plain install does not retry the failed 3.0.0.
+    assert b5.loader_entry == "ab-b.efi" and (b5.slot, b5.version) == ("B", "2.0.0")
+    install = b5.install
+    assert install is not None and not install["installed"], b5.result.log_path
+    assert b5.result.exit_reason == "poweroff"
+    assert b5.holds == {"A": "3.0.0", "B": "2.0.0"}

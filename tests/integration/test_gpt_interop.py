@@ -42,8 +42,12 @@ def _sfdisk(path: Path) -> list[dict[str, object]]:
     return parts
 
 
-@pytest.mark.parametrize("name", ["grub-efi-ab", "gptprio-ab"])
-def test_applied_layout_passes_sgdisk_and_sfdisk_agrees(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "esp_mib"), [("grub-efi-ab", 64), ("gptprio-ab", 64), ("systemd-boot-ab", 128)]
+)
+def test_applied_layout_passes_sgdisk_and_sfdisk_agrees(
+    tmp_path: Path, name: str, esp_mib: int
+) -> None:
     path = tmp_path / "disk.img"
     disk, _ = apply_layout(load_layout(LAYOUTS / f"{name}.toml"), path, size=GIB)
     _sgdisk_clean(path)
@@ -56,7 +60,7 @@ def test_applied_layout_passes_sgdisk_and_sfdisk_agrees(tmp_path: Path, name: st
         assert t["start"] == ours.first_lba
         assert t["size"] == ours.last_lba - ours.first_lba + 1
         assert ours.first_lba % 2048 == 0  # 1 MiB alignment
-    assert disk.find("esp").size_bytes(512) == 64 << 20
+    assert disk.find("esp").size_bytes(512) == esp_mib << 20
 
 
 def test_sgdisk_made_disk_is_read_exactly_and_rebuilt_byte_for_byte(

@@ -52,7 +52,7 @@ def test_parse_size_rejects(text: str) -> None:
 
 
 def test_shipped_layouts_fit_one_gib() -> None:
-    for name in ("grub-efi-ab", "gptprio-ab"):
+    for name in ("grub-efi-ab", "gptprio-ab", "systemd-boot-ab"):
         disk = plan_layout(load_layout(LAYOUTS / f"{name}.toml"), GIB)
         assert [p.name for p in disk.partitions] == ["esp", "root_a", "root_b", "data"]
         assert all(p.first_lba % 2048 == 0 for p in disk.partitions)

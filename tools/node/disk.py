@@ -117,13 +117,13 @@ def make_esp(efi: Path, out: Path, size: int) -> Path:
     return out
 
 
-def _layout_apply(disk: Path, size: str) -> None:
+def _layout_apply(disk: Path, size: str, layout: Path = LAYOUT) -> None:
     """The project's own `updater layout apply`, through its console script."""
     script = Path(sys.executable).with_name("updater")
     argv = [str(script)]
     if not script.exists():
         argv = [sys.executable, "-c", "from updater.cli import main; main()"]
-    run(*argv, "layout", "apply", LAYOUT, disk, "--size", size)
+    run(*argv, "layout", "apply", layout, disk, "--size", size)
 
 
 def node_template(slot_a: Path, *, cache: Path | None = None, size: str = DISK_SIZE) -> Path:

@@ -29,7 +29,10 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("AB_E2E_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = ("python3", "linux-image-cloud-amd64", "libudev1")
 # Loaded by the node's init; everything else under /lib/modules is deleted.
-MODULES = ("vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1", "virtio_pci", "virtio_blk")
+MODULES = (
+    "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1", "virtio_pci", "virtio_blk",
+    "efivarfs",  # systemd-boot nodes: LoaderEntrySelected
+)  # fmt: skip
 TRIM = (
     "usr/share/doc",
     "usr/share/man",

@@ -621,11 +621,15 @@ Say = Callable[[str], None]
 Job = Callable[[Path, Say], Any]
 # The power cuts' seed: $AB_E2E_SEED, else new each session (the test prints it).
 SEED = int(os.environ.get("AB_E2E_SEED") or time.time_ns() % 100_000)
-SCENARIO_OF_TEST = {"a": "ab", "b": "ab", "c": "c", "d": "d", "e": "e"}
+SCENARIO_OF_TEST = {
+    "a": "ab", "b": "ab", "c": "c", "d": "d", "e": "e",
+    "f": "sd", "g": "sdpanic", "h": "sd",  # systemd-boot (tools/node/sdboot_scenarios.py)
+}  # fmt: skip
 
 
 def job(name: str, cache: Path | None, *, ab_boots: int = 5) -> Job:
-    """The runnable scenario `name` (ab, c, d, e) for `Runner.submit`."""
+    """The runnable scenario `name` (ab, c, d, e, sd, sdpanic) for `Runner.submit`."""
+    from tools.node import sdboot_scenarios  # it builds on this module
 
     def ab(workdir: Path, say: Say) -> HappyThenFailed:
         chain = HappyThenFailed(workdir, cache=cache, say=say)
@@ -638,6 +642,10 @@ def job(name: str, cache: Path | None, *, ab_boots: int = 5) -> Job:
         "c": lambda workdir, say: run_panic(workdir, cache=cache, say=say),
         "d": lambda workdir, say: run_power_cuts(workdir, cache=cache, say=say, seed=SEED),
         "e": lambda workdir, say: run_gptprio(workdir, cache=cache, say=say),
+        "sd": lambda workdir, say: sdboot_scenarios.run_update_and_rollback(
+            workdir, cache=cache, say=say
+        ),
+        "sdpanic": lambda workdir, say: sdboot_scenarios.run_panic(workdir, cache=cache, say=say),
     }
     return jobs[name]
 
@@ -646,6 +654,6 @@ def start_selected(runner: Runner, test_names: Sequence[str]) -> None:
     """Submit the scenarios behind the selected `test_<letter>_...` tests, longest first."""
     letters = {n.split("_")[1] for n in test_names if n.startswith("test_")}
     names = {SCENARIO_OF_TEST[x] for x in letters if x in SCENARIO_OF_TEST}
-    for name in ("ab", "d", "e", "c"):
+    for name in ("ab", "d", "sd", "e", "c", "sdpanic"):
         if name in names:
             runner.submit(name, job(name, runner.cache, ab_boots=5 if "b" in letters else 3))
