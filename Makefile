@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo setup-test setup-demo lint typecheck unit bench fuzz clean
+.PHONY: test demo setup-test setup-demo lint typecheck unit bench fuzz powercut clean
 
 test: setup-test
 	$(VENV)/bin/ruff check .
@@ -33,6 +33,12 @@ bench: setup-test
 fuzz: setup-test
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[fuzz]'
 	sh tests/fuzz/campaign.sh $(TARGETS)
+
+# The power-cut campaign of docs/powercut.md (records two update cycles in QEMU, replays
+# and judges every cut, boots a sample; ~30-45 min on 2 cores); `make test` runs a small
+# seeded subset (tests/e2e/test_powercut.py). SEED=N repeats a run, SAMPLES=N boots N.
+powercut: setup-test
+	$(PY) -m tools.powercut $(if $(SEED),--seed $(SEED)) $(if $(SAMPLES),--samples $(SAMPLES))
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache build *.egg-info
