@@ -128,6 +128,45 @@ def test_one_damaged_copy_is_reported_and_repaired(
     assert gpt.repair_gpt(path) == []
 
 
+def _set_header_field(path: Path, lba: int, at: int, value: int) -> None:
+    """Change an 8-byte field of the header at `lba` and re-seal its CRC32 (CRC-valid
+    but wrong: only the cross-checks between the copies can find it)."""
+    with path.open("r+b") as f:
+        f.seek(lba * 512)
+        header = bytearray(f.read(92))
+        header[at : at + 8] = value.to_bytes(8, "little")
+        header[16:20] = bytes(4)
+        header[16:20] = zlib.crc32(header).to_bytes(4, "little")
+        f.seek(lba * 512)
+        f.write(header)
+
+
+@pytest.mark.parametrize(
+    ("lba", "value", "expect"),
+    [
+        # The backup's AlternateLBA must name the primary (found by the gpt fuzz target:
+        # a backup naming LBA 0x0300000000000001 read as undamaged and never repaired).
+        (SECTORS - 1, 3 << 56 | 1, "backup GPT: header at LBA 255 says the primary is at"),
+        (SECTORS - 1, 0, "backup GPT: header at LBA 255 says the primary is at LBA 0"),
+        # The primary's AlternateLBA must name where the backup is (sgdisk -v: "main GPT
+        # header's alternate LBA pointer ... doesn't match").
+        (1, SECTORS - 2, "primary GPT: says the backup is at LBA 254, it is at LBA 255"),
+    ],
+)
+def test_alternate_lba_pointers_that_disagree_are_damage_and_repaired(
+    tmp_path: Path, lba: int, value: int, expect: str
+) -> None:
+    path = tmp_path / "d.img"
+    disk = _image(path)
+    good = path.read_bytes()
+    _set_header_field(path, lba, 32, value)  # AlternateLBA
+    damaged = gpt.read_gpt(path)
+    assert [d[: len(expect)] for d in damaged.damaged] == [expect], damaged.damaged
+    assert damaged.partitions == disk.partitions
+    assert gpt.repair_gpt(path) == damaged.damaged
+    assert path.read_bytes() == good
+
+
 def test_both_copies_damaged_is_an_error_naming_both(tmp_path: Path) -> None:
     path = tmp_path / "d.img"
     _image(path)

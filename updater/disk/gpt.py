@@ -239,6 +239,8 @@ def _read_copy(f: int, total: int, ss: int, lba: int) -> _Copy:
         raise _Bad(f"header CRC32 mismatch at LBA {lba}")
     if h.my_lba != lba:
         raise _Bad(f"header at LBA {lba} says it is at LBA {h.my_lba}")
+    if lba != 1 and h.alternate_lba != 1:
+        raise _Bad(f"header at LBA {lba} says the primary is at LBA {h.alternate_lba}, not 1")
     if h.entry_size < ENTRY_SIZE or h.entry_size % 8:
         raise _Bad(f"entry size {h.entry_size} at LBA {lba} is invalid")
     length = h.num_entries * h.entry_size
@@ -344,6 +346,13 @@ def _read_fd(fd: int, path: Path, sector_size: int | None) -> GptDisk:
     if primary and backup and _summary(primary) != _summary(backup):
         damaged.append("backup GPT: does not match the primary")
         backup = None
+    if primary and backup and primary.header.alternate_lba != backup.header.my_lba:
+        # What sgdisk -v reports as the main header's backup pointer not matching the
+        # backup's own: a rewrite (layout repair) sets it from where the backup is.
+        damaged.append(
+            f"primary GPT: says the backup is at LBA {primary.header.alternate_lba}, "
+            f"it is at LBA {backup.header.my_lba}"
+        )
     mbr = os.pread(fd, ss, 0)
     if (problem := _mbr_problem(mbr[:512])) is not None:
         damaged.append(problem)
