@@ -285,7 +285,8 @@ def _check_journal(
         # refuses - e.g. a torn superblock, whose checksum the kernel's mount rejects.
         check = _run("e2fsck", "-p", image)
         if check.returncode >= 4:
-            first = next((x for x in check.stdout.splitlines() if x.strip()), "")
+            said = (x.replace(f"{image}:", "").strip() for x in check.stdout.splitlines())
+            first = next((x for x in said if x), "")
             repair = _run("e2fsck", "-fy", image)
             if repair.returncode >= 4:
                 v.stuck.append(
