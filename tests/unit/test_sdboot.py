@@ -10,6 +10,8 @@ it picks the entry `bls.select` names and renames a counted one as systemd-boot 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -342,3 +344,35 @@ def test_loader_entry_selected_is_read_from_efivarfs(tmp_path: Path) -> None:
     assert slot_of_entry("AB-A.EFI", entries) == "A"
     assert slot_of_entry("\\EFI\\Linux\\ab-a+1-0.efi", entries) == "A"
     assert slot_of_entry("debian.conf", entries) is None
+
+
+def _finishes(call: Callable[[], object], seconds: float = 20.0) -> object:
+    """`call()`'s result, or a failure if it has not returned within `seconds` (a FIFO
+    opened for reading blocks until a writer comes: the test must not hang with it)."""
+    done: list[tuple[object, BaseException | None]] = []
+
+    def run() -> None:
+        try:
+            done.append((call(), None))
+        except BaseException as err:  # re-raised in the test's thread
+            done.append((None, err))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert done, f"still blocked after {seconds} s"
+    result, error = done[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def test_a_fifo_where_a_uki_or_loader_conf_should_be_never_blocks(esp: Path) -> None:
+    (esp / "EFI/Linux").mkdir(parents=True)
+    os.mkfifo(esp / "EFI/Linux/other.efi")  # another OS's UKI, as systemd-boot sorts it
+    state = _finishes(backend(esp).load)
+    assert isinstance(state, SdBootState) and state.primary() == "A"  # the FIFO: skipped
+    (esp / "loader/loader.conf").unlink()
+    os.mkfifo(esp / "loader/loader.conf")
+    with pytest.raises(EntryError, match="not a regular file"):
+        _finishes(backend(esp).load)

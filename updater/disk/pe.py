@@ -22,6 +22,7 @@ from pathlib import Path
 from construct import Array, Bytes, Const, ConstructError, Int16ul, Int32ul, Padding, Struct
 
 from core.errors import FormatError
+from core.fsutil import open_regular
 
 MAX_HEADERS = 64 * 1024  # the section table of any real image is in its first few KiB
 MAX_SECTIONS = 96  # the PE format's own limit
@@ -55,9 +56,11 @@ def read_sections(path: Path, names: Collection[str], limit: int = 64 * 1024) ->
     """The content of the sections called `names` that `path` has (each at most
     `limit` bytes; a larger one is a PEError)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # A regular file only: a FIFO put where a UKI should be would block the open.
+        f = open_regular(path)
     except OSError as err:
         raise PEError(f"{path}: cannot open: {err.strerror}") from err
+    fd = f.fileno()
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, MAX_HEADERS, 0)
@@ -72,7 +75,7 @@ def read_sections(path: Path, names: Collection[str], limit: int = 64 * 1024) ->
     except OSError as err:
         raise PEError(f"{path}: cannot read: {err.strerror}") from err
     finally:
-        os.close(fd)
+        f.close()
 
 
 def _table(path: Path, head: bytes, names: Collection[str]) -> list[tuple[str, int, int]]:
