@@ -257,8 +257,13 @@ def _read_copy(f: int, total: int, ss: int, lba: int) -> _Copy:
 
 
 def _summary(copy: _Copy) -> tuple[object, ...]:
-    keys = ("first_usable_lba", "last_usable_lba", "disk_guid", "num_entries", "entry_size")
-    return (*(getattr(copy.header, k) for k in keys), copy.entries)
+    """What both copies must agree on: everything a rebuild takes from one copy for
+    both (the table, and the header fields kept byte for byte - revision, size,
+    reserved, the CRC-covered bytes past the 92 this module reads)."""
+    h = copy.header
+    keys = ("first_usable_lba", "last_usable_lba", "disk_guid", "num_entries", "entry_size",
+            "revision", "header_size", "reserved")  # fmt: skip
+    return (*(getattr(h, k) for k in keys), copy.sector[HEADER_SIZE : h.header_size], copy.entries)
 
 
 def _check_disk_kind(mode: int, path: Path) -> None:
