@@ -19,6 +19,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,20 +135,29 @@ def node_template(slot_a: Path, *, cache: Path | None = None, size: str = DISK_S
     key.files([Path(__file__), LAYOUT])
 
     def build(out: Path) -> None:
-        disk = out / "node.img"
-        _layout_apply(disk, size)
-        parts = partitions(disk)
-        write_image(disk, parts["esp"], make_esp(efi, out / "esp.img", parts["esp"].size))
-        write_image(disk, parts["root_a"], slot_a)
-        data = out / "data.img"
-        with data.open("wb") as f:
-            f.truncate(min(DATA_FS_SIZE, parts["data"].size))
-        run("mkfs.ext4", "-q", "-F", "-L", "data", "-m", "0", data)
-        write_image(disk, parts["data"], data)
-        for scratch in ("esp.img", "data.img"):
-            (out / scratch).unlink()
+        assemble(out, size, LAYOUT, slot_a, lambda esp, n: make_esp(efi, esp, n))
 
     return cached(cache, key, build) / "node.img"
+
+
+def assemble(
+    out: Path, size: str, layout: Path, slot_a: Path, esp: Callable[[Path, int], Path]
+) -> Path:
+    """`out/node.img`: `layout` applied by the project's own tool, the ESP made by
+    `esp(path, size)`, `slot_a` in root_a, an empty ext4 labelled data; scratch removed."""
+    disk = out / "node.img"
+    _layout_apply(disk, size, layout)
+    parts = partitions(disk)
+    write_image(disk, parts["esp"], esp(out / "esp.img", parts["esp"].size))
+    write_image(disk, parts["root_a"], slot_a)
+    data = out / "data.img"
+    with data.open("wb") as f:
+        f.truncate(min(DATA_FS_SIZE, parts["data"].size))
+    run("mkfs.ext4", "-q", "-F", "-L", "data", "-m", "0", data)
+    write_image(disk, parts["data"], data)
+    for scratch in ("esp.img", "data.img"):
+        (out / scratch).unlink()
+    return disk
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,11 @@ class Node:
 
 def make_node(workdir: Path, slot_a: Path, *, cache: Path | None = None) -> Node:
     """A fresh node in `workdir`: a sparse copy of the cached template, fresh OVMF vars."""
-    template = node_template(slot_a, cache=cache)
+    return node_from(node_template(slot_a, cache=cache), workdir)
+
+
+def node_from(template: Path, workdir: Path) -> Node:
+    """A fresh node in `workdir` from a never booted disk `template` (sparse copy)."""
     workdir.mkdir(parents=True, exist_ok=True)
     disk = workdir / "node.img"
     run("cp", "--sparse=always", template, disk)

@@ -112,6 +112,49 @@ def grubenv_marker(result: BootResult) -> dict[str, str]:
     return {}
 
 
+def health_of(result: BootResult) -> str | None:
+    """The health check's decision in one boot (committed, rolled-back, fell-back,
+    nothing...), None if it did not run."""
+    output = command_output(result, HEALTH)
+    for line in output:
+        m = HEALTH_LINE.match(line)
+        if m:
+            return m.group(1)
+    # A rollback reboots before the command prints its outcome: read the agent's log.
+    if any("rolling back to slot" in line for line in output):
+        return "rolled-back"
+    return None
+
+
+def install_of(result: BootResult) -> dict[str, Any] | None:
+    """What `install` did in one boot, None if it never got as far as choosing.
+
+    The `install --json` result document when the command printed one (nothing to
+    install, or --no-reboot); an install that reboots the node (the agent's reboot
+    hook) never returns, so then the agent's own log lines say what it did:
+    `installing V into slot S`, `slot S (V) will be booted next`, `rebooting`.
+    """
+    results = [d for d in json_lines(result, INSTALL) if d.get("event") == "result"]
+    if results:
+        return {**results[-1], "result_printed": True}
+    output = "\n".join(command_output(result, INSTALL))
+    m = re.search(r"installing (\S+) into slot ([AB])", output)
+    if m is None:
+        return None
+    version, slot = m.group(1), m.group(2)
+    activated = f"slot {slot} ({version}) will be booted next" in output
+    return {
+        "installed": activated,  # written, verified, journalled, then activated
+        "started": True,
+        "version": version,
+        "slot": slot,
+        "activated": activated,
+        "rebooting": "rebooting:" in output and "reboot" in result.markers,
+        "reused": "already holds verified" in output,
+        "result_printed": False,
+    }
+
+
 @dataclass
 class Boot:
     """One power-on of a node and what it showed."""
@@ -141,44 +184,12 @@ class Boot:
     @property
     def health(self) -> str | None:
         """The health check's decision (committed, rolled-back, fell-back, nothing...)."""
-        output = command_output(self.result, HEALTH)
-        for line in output:
-            m = HEALTH_LINE.match(line)
-            if m:
-                return m.group(1)
-        # A rollback reboots before the command prints its outcome: read the agent's log.
-        if any("rolling back to slot" in line for line in output):
-            return "rolled-back"
-        return None
+        return health_of(self.result)
 
     @property
     def install(self) -> dict[str, Any] | None:
-        """What `install` did, None if it never got as far as choosing.
-
-        The `install --json` result document when the command printed one (nothing to
-        install, or --no-reboot); an install that reboots the node (the agent's reboot
-        hook) never returns, so then the agent's own log lines say what it did:
-        `installing V into slot S`, `slot S (V) will be booted next`, `rebooting`.
-        """
-        results = [d for d in json_lines(self.result, INSTALL) if d.get("event") == "result"]
-        if results:
-            return {**results[-1], "result_printed": True}
-        output = "\n".join(command_output(self.result, INSTALL))
-        m = re.search(r"installing (\S+) into slot ([AB])", output)
-        if m is None:
-            return None
-        version, slot = m.group(1), m.group(2)
-        activated = f"slot {slot} ({version}) will be booted next" in output
-        return {
-            "installed": activated,  # written, verified, journalled, then activated
-            "started": True,
-            "version": version,
-            "slot": slot,
-            "activated": activated,
-            "rebooting": "rebooting:" in output and "reboot" in self.result.markers,
-            "reused": "already holds verified" in output,
-            "result_printed": False,
-        }
+        """What `install` did (`install_of`), None if it never got as far as choosing."""
+        return install_of(self.result)
 
     @property
     def progress(self) -> list[dict[str, Any]]:

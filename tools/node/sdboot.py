@@ -32,16 +32,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.node import disk as node_disk
 from tools.node.cache import REPO, Key, cached, default_cache_dir
-from tools.node.disk import (
-    DATA_FS_SIZE,
-    DISK_SIZE,
-    OVMF_VARS,
-    Node,
-    _layout_apply,
-    partitions,
-    write_image,
-)
+from tools.node.disk import DISK_SIZE, Node, assemble, node_from, partitions
 from tools.node.release import HARDWARE, agent_config
 from tools.node.rootfs import run
 
@@ -177,34 +170,17 @@ def node_template(slot_a: Path, *, cache: Path | None = None, size: str = DISK_S
     cache = cache or default_cache_dir()
     uki = build_uki(slot_a, cache=cache)
     key = Key("sdboot-disk").text(size, slot_a.parent.name, str(slot_a), uki.parent.name)
-    key.files([Path(__file__), LAYOUT]).text(SYSTEMD_BOOT.read_bytes())
+    key.files([Path(__file__), Path(node_disk.__file__), LAYOUT]).text(SYSTEMD_BOOT.read_bytes())
 
     def build(out: Path) -> None:
-        disk = out / "node.img"
-        _layout_apply(disk, size, LAYOUT)
-        parts = partitions(disk)
-        write_image(disk, parts["esp"], make_esp(out / "esp.img", parts["esp"].size, uki))
-        write_image(disk, parts["root_a"], slot_a)
-        data = out / "data.img"
-        with data.open("wb") as f:
-            f.truncate(min(DATA_FS_SIZE, parts["data"].size))
-        run("mkfs.ext4", "-q", "-F", "-L", "data", "-m", "0", data)
-        write_image(disk, parts["data"], data)
-        for scratch in ("esp.img", "data.img"):
-            (out / scratch).unlink()
+        assemble(out, size, LAYOUT, slot_a, lambda esp, n: make_esp(esp, n, uki))
 
     return cached(cache, key, build) / "node.img"
 
 
 def make_node(workdir: Path, slot_a: Path, *, cache: Path | None = None) -> Node:
     """A fresh systemd-boot node in `workdir` (sparse copy of the template, new OVMF vars)."""
-    template = node_template(slot_a, cache=cache)
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "node.img"
-    run("cp", "--sparse=always", template, disk)
-    ovmf_vars = workdir / "OVMF_VARS.fd"
-    shutil.copyfile(OVMF_VARS, ovmf_vars)
-    return Node(workdir=workdir, disk=disk, ovmf_vars=ovmf_vars)
+    return node_from(node_template(slot_a, cache=cache), workdir)
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,9 @@ from tools.examplerepo import ImageSpec, add_release, make_repo, publish
 from tools.node import BootResult, Node, boot, build_release, make_updates_disk
 from tools.node.disk import partitions
 from tools.node.scenarios import (
-    HEALTH,
-    HEALTH_LINE,
     INSTALL,
-    command_output,
+    health_of,
+    install_of,
     json_lines,
     kernel_only_release,
     sha256_file,
@@ -73,24 +72,11 @@ class SdBoot:
 
     @property
     def health(self) -> str | None:
-        output = command_output(self.result, HEALTH)
-        for line in output:
-            m = HEALTH_LINE.match(line)
-            if m:
-                return m.group(1)
-        if any("rolling back to slot" in line for line in output):
-            return "rolled-back"
-        return None
+        return health_of(self.result)
 
     @property
     def install(self) -> dict[str, Any] | None:
-        results = [d for d in json_lines(self.result, INSTALL) if d.get("event") == "result"]
-        if results:
-            return results[-1]
-        text = "\n".join(command_output(self.result, INSTALL))
-        if "installing " in text and "will be booted next" in text:
-            return {"installed": True, "activated": True, "rebooting": "rebooting:" in text}
-        return None
+        return install_of(self.result)
 
     @property
     def status(self) -> dict[str, Any] | None:
