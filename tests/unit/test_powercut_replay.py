@@ -6,7 +6,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from tests.unit.test_powercut_writelog import SS, pack_log
+from tools.powercut.campaign import NoRecording, run
 from tools.powercut.replay import (
     Cut,
     Region,
@@ -135,3 +138,10 @@ def test_content_key_changes_only_with_the_writes_to_a_region(tmp_path: Path) ->
         b = Cut(1, 3, 2, (2,), {2: (1,)})
         assert r.content_key(a, esp) == r.content_key(b, esp)
         assert r.content_key(a, slot) != r.content_key(b, slot)
+
+
+def test_reuse_without_a_recording_records_nothing(tmp_path: Path) -> None:
+    # --reuse used to record a whole campaign (~5 min of QEMU) when nothing was saved.
+    with pytest.raises(NoRecording, match=r"no recording of grub in .*grub"):
+        run(tmp_path / "w", seed=1, samples=0, reuse=True, say=lambda _: None)
+    assert not (tmp_path / "w").exists()

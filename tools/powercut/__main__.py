@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from tools.node.cache import REPO
-from tools.powercut.campaign import run
+from tools.powercut.campaign import NoRecording, run
 
 
 @click.command()
@@ -35,7 +35,10 @@ def main(seed: int | None, samples: int, variants: tuple[str, ...], workdir: Pat
         click.echo(message)
         sys.stdout.flush()
 
-    report = run(workdir, seed=seed, samples=samples, variants=variants, reuse=reuse, say=say)
+    try:
+        report = run(workdir, seed=seed, samples=samples, variants=variants, reuse=reuse, say=say)
+    except NoRecording as err:
+        raise click.ClickException(str(err)) from None
     for line in report.lines():
         click.echo(line)
     click.echo(f"report: {workdir / 'report.json'}")

@@ -440,6 +440,10 @@ def recorders() -> dict[str, Callable[..., Recording]]:
     return {"grub": record_grub, "gptprio": record_gptprio, "small": record_small}
 
 
+class NoRecording(Exception):
+    """`run(reuse=True)` found no saved recording to reuse."""
+
+
 def run(
     workdir: Path,
     *,
@@ -450,12 +454,18 @@ def run(
     cache: Path | None = None,
     say: Say = print,
 ) -> Report:
-    """The whole campaign (module docstring); writes workdir/report.json."""
+    """The whole campaign (module docstring); writes workdir/report.json. With `reuse`,
+    nothing is recorded: a variant without a saved recording is a `NoRecording`."""
+    if reuse:
+        for v in variants:
+            if not (workdir / v / "recording.json").is_file():
+                raise NoRecording(f"--reuse: no recording of {v} in {workdir / v} "
+                                  "(run once without --reuse to record it)")  # fmt: skip
     report = Report(seed)
     start = time.monotonic()
     makers = recorders()
     recs: dict[str, Recording] = {}
-    todo = [v for v in variants if not (reuse and (workdir / v / "recording.json").exists())]
+    todo = [] if reuse else list(variants)
     for v in variants:
         if v not in todo:
             recs[v] = Recording.load(workdir / v)
