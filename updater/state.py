@@ -73,6 +73,26 @@ class Failure:
     at: str  # ISO 8601, UTC
 
 
+@dataclass(frozen=True)
+class InstallRecord:
+    """The last install that wrote a slot: what, where, when, and what it cost."""
+
+    version: str
+    slot: str
+    at: str  # ISO 8601, UTC
+    bytes_fetched: int  # bytes downloaded for it (compressed, as served)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """The last slot committed by a health check."""
+
+    version: str | None
+    slot: str
+    at: str  # ISO 8601, UTC
+
+
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
 
@@ -84,6 +104,12 @@ class Journal:
     failed_versions: Mapping[str, Failure] = field(default_factory=lambda: _frozen({}))
     last_check: str | None = None
     last_error: str | None = None
+    # Fleet facts (docs/fleet.md), all optional in the file: a journal written before
+    # they existed loads with None.
+    last_install: InstallRecord | None = None
+    last_commit: CommitRecord | None = None
+    lock_held: str | None = None  # the group whose reboot lock this node holds
+    waiting: str | None = None  # why the last cycle did not reboot into a new slot
 
     # --- pure transitions -----------------------------------------------------------
 
@@ -136,6 +162,33 @@ class Journal:
         """An update check ran; `error` is its one-line failure, None on success."""
         return replace(self, last_check=_now(now), last_error=error)
 
+    def with_install_record(
+        self,
+        slot: str,
+        version: str,
+        bytes_fetched: int,
+        seconds: float,
+        now: datetime | None = None,
+    ) -> Journal:
+        """An install wrote `version` into `slot`, fetching `bytes_fetched` bytes."""
+        _check_slot(slot)
+        record = InstallRecord(version, slot, _now(now), bytes_fetched, round(seconds, 3))
+        return replace(self, last_install=record)
+
+    def with_commit_record(
+        self, slot: str, version: str | None, now: datetime | None = None
+    ) -> Journal:
+        _check_slot(slot)
+        return replace(self, last_commit=CommitRecord(version, slot, _now(now)))
+
+    def with_lock(self, group: str | None) -> Journal:
+        """This node now holds the reboot lock of `group` (None: holds none)."""
+        return replace(self, lock_held=group)
+
+    def with_waiting(self, reason: str | None) -> Journal:
+        """Why the last cycle did not reboot into a new slot (None: it was not waiting)."""
+        return replace(self, waiting=None if reason is None else " ".join(reason.split()))
+
     def is_failed(self, version: str) -> bool:
         return version in self.failed_versions
 
@@ -164,6 +217,24 @@ class Journal:
             },
             "last_check": self.last_check,
             "last_error": self.last_error,
+            "last_install": None
+            if self.last_install is None
+            else {
+                "version": self.last_install.version,
+                "slot": self.last_install.slot,
+                "at": self.last_install.at,
+                "bytes_fetched": self.last_install.bytes_fetched,
+                "seconds": self.last_install.seconds,
+            },
+            "last_commit": None
+            if self.last_commit is None
+            else {
+                "version": self.last_commit.version,
+                "slot": self.last_commit.slot,
+                "at": self.last_commit.at,
+            },
+            "lock_held": self.lock_held,
+            "waiting": self.waiting,
         }
 
     @classmethod
@@ -193,6 +264,10 @@ class Journal:
                 failed_versions=_frozen(failed),
                 last_check=_opt_str(data["last_check"]),
                 last_error=_opt_str(data["last_error"]),
+                last_install=_install_record(data.get("last_install")),
+                last_commit=_commit_record(data.get("last_commit")),
+                lock_held=_opt_str(data.get("lock_held")),
+                waiting=_opt_str(data.get("waiting")),
             )
         except (KeyError, TypeError) as err:
             raise JournalFormatError(f"missing or wrong field {err}") from err
@@ -220,6 +295,39 @@ def _str(value: Any) -> str:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else _str(value)
+
+
+def _int(value: Any) -> int:
+    # bool is an int in Python; a count is never true/false.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"expected a non-negative integer, got {value!r:.40}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e12:
+        raise TypeError(f"expected seconds, got {value!r:.40}")
+    return float(value)
+
+
+def _install_record(value: Any) -> InstallRecord | None:
+    if value is None:
+        return None
+    r = _dict(value)
+    return InstallRecord(
+        _str(r["version"]),
+        _slot(r["slot"]),
+        _str(r["at"]),
+        _int(r["bytes_fetched"]),
+        _seconds(r["seconds"]),
+    )
+
+
+def _commit_record(value: Any) -> CommitRecord | None:
+    if value is None:
+        return None
+    r = _dict(value)
+    return CommitRecord(_opt_str(r["version"]), _slot(r["slot"]), _str(r["at"]))
 
 
 def _slot(value: Any) -> str:

@@ -18,6 +18,7 @@ from updater.state import (
     JOURNAL_NAME,
     MAX_FAILED_VERSIONS,
     Journal,
+    JournalFormatError,
     load_journal,
     save_journal,
 )
@@ -224,3 +225,56 @@ def test_oversized_journal_is_not_read_whole(tmp_path: Path) -> None:
     (tmp_path / JOURNAL_NAME).write_bytes(b" " * (2 * 1024 * 1024))
     loaded = load_journal(tmp_path)
     assert loaded.last_error is not None and "larger than" in loaded.last_error
+
+
+def test_fleet_records_round_trip_and_old_journals_load(tmp_path: Path) -> None:
+    j = (
+        Journal()
+        .with_installed("B", "2.0.0", T0)
+        .with_install_record("B", "2.0.0", 1234, 5.25, T0)
+        .with_commit_record("B", "2.0.0", T0)
+        .with_lock("workers")
+        .with_waiting("window: next opens\n 2026-12-03T02:00:00+00:00")
+    )
+    assert j.waiting == "window: next opens 2026-12-03T02:00:00+00:00"
+    again = Journal.from_json(json.loads(json.dumps(j.to_json())))
+    assert again == j
+    assert again.last_install is not None and again.last_install.bytes_fetched == 1234
+    # A journal written before these fields existed has none of their keys.
+    old = {k: v for k, v in j.to_json().items()}
+    for key in ("last_install", "last_commit", "lock_held", "waiting"):
+        del old[key]
+    loaded = Journal.from_json(old)
+    assert loaded.last_install is None and loaded.lock_held is None and loaded.waiting is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        (
+            "last_install",
+            {"version": "1", "slot": "C", "at": "x", "bytes_fetched": 1, "seconds": 1},
+        ),
+        (
+            "last_install",
+            {"version": "1", "slot": "A", "at": "x", "bytes_fetched": -1, "seconds": 1},
+        ),
+        (
+            "last_install",
+            {"version": "1", "slot": "A", "at": "x", "bytes_fetched": True, "seconds": 1},
+        ),
+        (
+            "last_install",
+            {"version": "1", "slot": "A", "at": "x", "bytes_fetched": 1, "seconds": 1e300},
+        ),
+        ("last_commit", {"version": 3, "slot": "A", "at": "x"}),
+        ("last_commit", []),
+        ("lock_held", 7),
+        ("waiting", {"a": 1}),
+    ],
+)
+def test_damaged_fleet_records_are_a_damaged_journal(field: str, value: object) -> None:
+    data = Journal().to_json()
+    data[field] = value
+    with pytest.raises(JournalFormatError):
+        Journal.from_json(data)
