@@ -7,7 +7,11 @@ target (DESIGN.md, "Trust"):
 
     {"release": {"version": "1.2.0", "hardware": ["x86_64-generic"], "channel": "stable",
                  "role": "root", "compression": "zstd", "raw_length": 123,
-                 "raw_sha256": "<64 hex>"}}
+                 "raw_sha256": "<64 hex>"},
+     "rollout": {"state": "active", "waves": [...]}}
+
+`rollout` is optional: the signed plan of a phased rollout (`core.rolloutplan`), the
+same in every target of a release; without it every node may install at once.
 
 This module is the one declaration of it, imported by the signing tools (which write
 it), the agent and the mirror (which read it) and the test simulator:
@@ -17,6 +21,9 @@ it), the agent and the mirror (which read it) and the test simulator:
 * the version grammar (`parse_version`, `Version`), the role grammar (`check_role`), the
   hardware and channel name rule (`check_name`), the compressions with their file
   suffixes (`COMPRESSIONS`, `SUFFIXES`);
+* the rollout plan, `RolloutPlan` of `Wave`s (`from_custom` / `to_custom`), and the
+  `--waves` grammar of the signing tools (`parse_waves`), declared in `core.rolloutplan`
+  and re-exported here; `FieldError` (`core.fielderror`), the error of every field;
 * the rule for signed target paths (`check_target_path`) and the path builders: a release
   image's target path (`target_path`) and where a consistent-snapshot repository
   serves a target (`served_path`);
@@ -33,6 +40,7 @@ Invariants:
   commands can import the schema (`updater status` starts without tuf).
 * Versions are compared as versions (`parse_version`), never as strings; build
   metadata is refused, so two different strings are never the same version.
+* The rollout plan keeps its own invariants (`core.rolloutplan`, re-exported here).
 """
 
 from __future__ import annotations
@@ -43,9 +51,17 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import total_ordering
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from core.errors import UpdateRejected
+from core.fielderror import FieldError as FieldError
+from core.fielderror import refuse as _refuse
+from core.fielderror import show as _show
+from core.rolloutplan import ROLLOUT_STATES as ROLLOUT_STATES
+from core.rolloutplan import RolloutPlan as RolloutPlan
+from core.rolloutplan import Wave as Wave
+from core.rolloutplan import format_time as format_time
+from core.rolloutplan import parse_waves as parse_waves
 
 if TYPE_CHECKING:
     # python-tuf documents tuf.api.metadata as the home of TargetFile but does not
@@ -80,20 +96,6 @@ NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit,
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_PATH_LEN = 1024
-_SHOWN = 100  # characters of a refused value quoted in a message
-
-
-class FieldError(ValueError):
-    """A release field breaks its rule. `field` names it (`version`, `hardware`, ...),
-    `value` is what was given and `rule` says what is allowed (after the value)."""
-
-    field: str = ""
-    value: object = None
-    rule: str = ""
-
-    def named(self, name: str) -> str:
-        """The message with the field called `name` (a command-line option, say)."""
-        return f"{name} {_show(self.value)} {self.rule}"
 
 
 class ReleaseRejected(UpdateRejected):
@@ -102,20 +104,6 @@ class ReleaseRejected(UpdateRejected):
 
 class VersionError(ReleaseRejected, FieldError):
     """A version string is not `MAJOR.MINOR.PATCH[-PRE]` (also a ValueError)."""
-
-
-_E = TypeVar("_E", bound=FieldError)
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
-
-
-def _refuse(cls: type[_E], field: str, value: object, rule: str, text: str | None = None) -> _E:
-    err = cls(text or f"{field} {_show(value)} {rule}")
-    err.field, err.value, err.rule = field, value, rule
-    return err
 
 
 @total_ordering
@@ -231,9 +219,11 @@ def build_custom(
     compression: str,
     raw_length: int,
     raw_sha256: str,
+    rollout: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `custom` field of a target, unchecked (`ReleaseFields.from_custom` checks)."""
-    return {
+    """The `custom` field of a target, unchecked (`ReleaseFields.from_custom` checks);
+    `rollout` is a plan's `to_custom()` (None: no plan, no `rollout` key)."""
+    custom: dict[str, Any] = {
         "release": {
             "version": version,
             "hardware": list(hardware),
@@ -244,6 +234,9 @@ def build_custom(
             "raw_sha256": raw_sha256,
         }
     }
+    if rollout is not None:
+        custom["rollout"] = dict(rollout)
+    return custom
 
 
 @dataclass(frozen=True)
@@ -257,6 +250,7 @@ class ReleaseFields:
     compression: str
     raw_length: int
     raw_sha256: str
+    rollout: RolloutPlan | None = None  # `custom.rollout`; None: install at once
 
     @classmethod
     def from_target(cls, path: str, target: TargetFile) -> ReleaseFields:
@@ -290,7 +284,12 @@ class ReleaseFields:
         raw_sha256 = rel.get("raw_sha256")
         if not isinstance(raw_sha256, str) or not _SHA256_RE.fullmatch(raw_sha256):
             raise _refuse(FieldError, "raw_sha256", raw_sha256, "is not 64 lowercase hex digits")
-        return cls(version, tuple(hardware), channel, role, compression, raw_length, raw_sha256)
+        plan = None
+        if isinstance(custom, dict) and "rollout" in custom:  # always a dict here
+            plan = RolloutPlan.from_custom(custom["rollout"])
+        return cls(
+            version, tuple(hardware), channel, role, compression, raw_length, raw_sha256, plan
+        )
 
     def to_custom(self) -> dict[str, Any]:
         """The `custom` field these values are parsed from (`from_custom`'s inverse)."""
@@ -302,6 +301,7 @@ class ReleaseFields:
             compression=self.compression,
             raw_length=self.raw_length,
             raw_sha256=self.raw_sha256,
+            rollout=None if self.rollout is None else self.rollout.to_custom(),
         )
 
     def target_path(self, hardware: str) -> str:
@@ -323,11 +323,13 @@ class Image:
 
 @dataclass(frozen=True)
 class Release:
-    """All images of one version for this node's hardware and channel (role -> Image)."""
+    """All images of one version for this node's hardware and channel (role -> Image),
+    and their rollout plan (the same in every image; None: install at once)."""
 
     version: str
     channel: str
     images: Mapping[str, Image]
+    rollout: RolloutPlan | None = None
 
     @property
     def parsed_version(self) -> Version:
@@ -338,10 +340,12 @@ def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> 
     """Releases for `hardware` on `channel`, oldest first.
 
     Targets with malformed custom release data are skipped; a version with two images
-    for the same role is skipped whole (ambiguous: the node cannot tell which image was
-    meant). Both are logged, never raised.
+    for the same role, or whose images carry different rollout plans, is skipped whole
+    (ambiguous: the node cannot tell which image, or which plan, was meant). Both are
+    logged, never raised.
     """
     by_version: dict[Version, dict[str, Image]] = {}
+    plans: dict[Version, RolloutPlan | None] = {}
     ambiguous: set[Version] = set()
     for path in sorted(targets):
         try:
@@ -371,12 +375,25 @@ def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> 
                 path,
             )
             ambiguous.add(fields.version)
+        elif images and plans[fields.version] != fields.rollout:
+            logger.warning(
+                "skipping version %s: its images carry different rollout plans (%s in %s)",
+                fields.version,
+                _plan_text(fields.rollout),
+                path,
+            )
+            ambiguous.add(fields.version)
+        plans.setdefault(fields.version, fields.rollout)
         images[image.role] = image
     return [
-        Release(version.text, channel, dict(sorted(images.items())))
+        Release(version.text, channel, dict(sorted(images.items())), plans[version])
         for version, images in sorted(by_version.items())
         if version not in ambiguous
     ]
+
+
+def _plan_text(plan: RolloutPlan | None) -> str:
+    return "no plan" if plan is None else plan.describe()
 
 
 def check_roles(release: Release, roles: Collection[str]) -> None:

@@ -51,10 +51,11 @@ def release_custom(
     channel: str = "stable",
     compression: str = "none",
     raw: bytes = b"image",
+    rollout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The `custom` field of a release image (the schema's `core.release.build_custom`,
     unchecked, so a test may describe what nodes refuse); `raw` is the image content it
-    describes."""
+    describes, `rollout` its plan (`RolloutPlan.to_custom()`, or anything to refuse)."""
     return release.build_custom(
         version=version,
         hardware=hardware,
@@ -63,6 +64,7 @@ def release_custom(
         compression=compression,
         raw_length=len(raw),
         raw_sha256=hashlib.sha256(raw).hexdigest(),
+        rollout=rollout,
     )
 
 

@@ -11,6 +11,10 @@ Invariants:
   explicit `want_version`, only upgrades are offered and versions that failed on this
   node are skipped; an explicit `want_version` may retry a failed version, and may go
   down or re-install only with `force`.
+* A release whose signed rollout plan is withdrawn is not offered: without
+  `want_version` it is as if it were absent (a node running it moves on to the next
+  newer release as usual); `want_version` may still name it. Waves and pauses are not
+  decided here: the agent asks `updater.rollout.gate` about the chosen release.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def select(
     """The release to install, or None when there is nothing newer.
 
     Without `want_version`: the newest version strictly greater than
-    `installed_version` that is not in `failed_versions` (`force` does not apply).
+    `installed_version` that is not in `failed_versions` and not withdrawn (`force`
+    does not apply).
     With `want_version`: exactly that version, even a failed one (an explicit request
     is a deliberate retry); a version <= the installed one raises `ReleaseRejected`
     ("downgrade") unless `force`. A `want_version` that does not exist for this
@@ -70,6 +75,8 @@ def select(
         return chosen
     failed = {_maybe_version(v) for v in failed_versions} - {None}
     for release in reversed(available):
+        if release.rollout is not None and release.rollout.state == "withdrawn":
+            continue  # as if absent: the next older release is still a candidate
         version = release.parsed_version
         if installed is not None and version <= installed:
             return None
