@@ -35,6 +35,10 @@ from core.errors import ConfigError
 from core.release import check_name, check_role, check_target_path
 from core.textparse import loads_toml, read_toml
 from updater.boot.registry import known_bootloaders
+from updater.config_fleet import CoordinationConfig, MetricsConfig
+from updater.config_fleet import coordination as _coordination
+from updater.config_fleet import daemon_windows as _daemon_windows
+from updater.config_fleet import metrics as _metrics
 from updater.slots import SLOTS, file_path, is_file_role
 
 REPOSITORY_SCHEMES = ("http", "https", "file")
@@ -82,6 +86,8 @@ class DeviceConfig:
     esp: Path | None = None
     # systemd-boot: slot -> its boot entry, relative to `esp`, without boot counter.
     boot_entries: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # machine-id(5): the node's stable identity (rollout position, default lock node id).
+    machine_id: Path = Path("/etc/machine-id")
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,10 @@ class HealthConfig:
 class DaemonConfig:
     interval: float = 3600.0  # seconds between two update checks
     jitter: float = 300.0  # up to this many seconds added at random, to spread a fleet
+    # Maintenance windows the reboot into a new slot waits for (updater.windows);
+    # (): any time. Checked by parse_windows when loaded.
+    windows: tuple[str, ...] = ()
+    timezone: str = "UTC"  # IANA name the windows are in
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,8 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -154,6 +166,10 @@ class _Table:
         key = self.prefix + _shown_key(key)
         where = f"[{self.name}] {key}" if key else f"[{self.name}]"
         return ConfigError(f"config {self.file}: {where}: {message}")
+
+    def value_error(self, key: str, value: object, why: str) -> ConfigError:
+        """`error` quoting the bad `value` (shortened, control characters escaped)."""
+        return self.error(key, f"{_shown(value)} {why}")
 
     def raw(self, key: str, required: bool) -> Any:
         self.seen.add(key)
@@ -224,6 +240,33 @@ class _Table:
         if value is None:
             return default
         return _argv(value, lambda msg: self.error(key, msg))
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        """An array of non-empty strings without NUL bytes; () when absent."""
+        value = self.raw(key, False)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.error(key, f"must be an array of strings, not {_toml_type(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.error(f"{key}[{index}]", f"must be a string, not {_toml_type(item)}")
+            if not item.strip():
+                raise self.error(f"{key}[{index}]", "must not be empty")
+            if "\0" in item:
+                raise self.value_error(f"{key}[{index}]", item, "contains a NUL byte")
+        return tuple(value)
+
+    def urls(self, key: str, schemes: Collection[str]) -> tuple[str, ...]:
+        """An array of distinct URLs, each checked like `url`; () when absent."""
+        values = self.strings(key)
+        for index, value in enumerate(values):
+            where = f"{key}[{index}]"
+            # The lambda is called (if at all) before the loop moves on: B023 does not apply.
+            _check_url(value, schemes, lambda msg: self.error(where, msg))  # noqa: B023
+            if value in values[:index]:
+                raise self.value_error(f"{key}[{index}]", value, "is listed twice")
+        return values
 
     def url(self, key: str, schemes: Collection[str], *, required: bool = False) -> str | None:
         value = self.string(key, required=required)
@@ -372,6 +415,7 @@ def _device(t: _Table) -> DeviceConfig:
         booted_slot=booted_slot,
         state_dir=t.path("state_dir") or DeviceConfig.state_dir,
         os_release=t.path("os_release") or DeviceConfig.os_release,
+        machine_id=t.path("machine_id") or DeviceConfig.machine_id,
         esp=esp,
         boot_entries=boot_entries,
     )
@@ -492,9 +536,12 @@ def _health(t: _Table) -> HealthConfig:
 
 
 def _daemon(t: _Table) -> DaemonConfig:
+    windows, timezone = _daemon_windows(t)
     daemon = DaemonConfig(
         interval=t.number("interval", 3600.0, minimum=1, maximum=30 * 24 * 3600),
         jitter=t.number("jitter", 300.0, minimum=0, maximum=30 * 24 * 3600),
+        windows=windows,
+        timezone=timezone,
     )
     t.finish()
     return daemon
@@ -544,6 +591,8 @@ def _config(data: dict[str, Any], path: Path) -> Config:
         health=_health(_sub_table(root, "health", required=False)),
         daemon=_daemon(_sub_table(root, "daemon", required=False)),
         hooks=_hooks(_sub_table(root, "hooks", required=False)),
+        coordination=_coordination(_sub_table(root, "coordination", required=False)),
+        metrics=_metrics(_sub_table(root, "metrics", required=False)),
     )
     files = [r for roles in config.slots.values() for r in roles.values() if is_file_role(r)]
     if files and config.device.esp is None:
