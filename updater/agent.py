@@ -54,9 +54,10 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError, SlotFailed, UpdaterError
 from updater import decide, health
-from updater.boot.base import BootState
+from updater.boot.base import BootState, SlotState
 from updater.config import Config
 from updater.decide import HealthAction, HealthOutcome, Step
+from updater.fleet import Clock, Fleet, Hold, utc_now
 from updater.hooks import run_hook
 from updater.lock import LockBusy
 from updater.node import Node, changes_node
@@ -77,6 +78,10 @@ log = logging.getLogger(__name__)
 FAILPOINT_ENV = "UPDATER_FAILPOINT"
 FAILPOINT_EXIT = 137
 Progress = Callable[[str, int, int], None]  # (role, done raw bytes, raw length)
+
+# Health outcomes after which a node on a committed slot may give its reboot slot back
+# (rolled-back and no-fallback keep it: the node reboots, or runs a failed release).
+_RELEASES = frozenset({HealthAction.COMMITTED, HealthAction.NOTHING, HealthAction.FELL_BACK})
 
 # The failpoint between a health check's bootloader write and its journal save.
 _MARKED = {
@@ -101,6 +106,7 @@ class InstallResult:
     rebooting: bool = False
     reused: bool = False  # the slot already held the verified version (crash recovery)
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    waiting: Hold | None = None  # why it stopped short: wave, window, lock (updater.fleet)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,6 +117,8 @@ class InstallResult:
             "rebooting": self.rebooting,
             "reused": self.reused,
             "images": self.images,
+            "bytes_fetched": sum(int(i.get("fetched", 0)) for i in self.images.values()),
+            "waiting": None if self.waiting is None else self.waiting.to_json(),
         }
 
 
@@ -122,10 +130,16 @@ class Agent(Node):
     """
 
     def __init__(
-        self, config: Config, *, session: requests.Session | None = None, wait: bool = False
+        self,
+        config: Config,
+        *,
+        session: requests.Session | None = None,
+        wait: bool = False,
+        clock: Clock = utc_now,
     ) -> None:
         super().__init__(config, wait=wait)
         self._session = session
+        self.fleet = Fleet(config, clock=clock)
 
     @property
     def session(self) -> requests.Session:
@@ -195,8 +209,13 @@ class Agent(Node):
             raise
         self._record_check(None)
         chosen = found.release if found else None
+        hold = None
+        if chosen is not None:
+            hold = self.fleet.wave(chosen) or self.fleet.may_reboot(take=False)
+        self.write_metrics()
         return {
             "update_available": chosen is not None,
+            "waiting": None if hold is None else hold.to_json(),
             "current_version": self.installed_version(journal),
             "version": chosen.version if chosen else None,
             "images": {
@@ -218,15 +237,18 @@ class Agent(Node):
         source: Path | None = None,
         progress: Progress | None = None,
     ) -> InstallResult:
-        return self._install(
-            self.journal(),
-            version=version,
-            force=force,
-            activate=activate,
-            reboot=reboot,
-            source=source,
-            progress=progress,
-        )
+        try:
+            return self._install(
+                self.journal(),
+                version=version,
+                force=force,
+                activate=activate,
+                reboot=reboot,
+                source=source,
+                progress=progress,
+            )
+        finally:
+            self.write_metrics()
 
     def _install(
         self,
@@ -258,15 +280,23 @@ class Agent(Node):
         except UpdaterError as e:
             self._save(journal.with_check(str(e)))
             raise
-        journal = journal.with_check(None)
+        journal = journal.with_check(None).with_waiting(None)
         self._save(journal)
         if found is None:
             log.info("no update: slot %s runs the newest release for this node", booted)
             return InstallResult(version=None)
         chosen = found.release
+        # The wave: an operator's explicit --version is a choice that passes it.
+        hold = self.fleet.wave(chosen) if version is None else None
+        if hold is None and activate and journal.version_in(inactive) == chosen.version:
+            # Written already, waiting for a window: not read back again every cycle.
+            hold = self.fleet.window()
+        if hold is not None:
+            return self._hold(journal, hold)
 
         log.info("installing %s into slot %s", chosen.version, inactive)
         images: dict[str, dict[str, Any]] = {}
+        started = time.monotonic()
         reused = self._holds(journal, inactive, chosen)
         if reused:
             log.info(
@@ -302,6 +332,7 @@ class Agent(Node):
                 images[role] = {
                     "partition": target.label,  # a PARTLABEL, or file:PATH
                     "bytes": result.bytes_written,
+                    "fetched": image.target.length,
                     "seconds": round(result.seconds, 3),
                 }
                 failpoint(f"written:{role}")
@@ -309,15 +340,40 @@ class Agent(Node):
                 # A file on the ESP may be a boot entry (a UKI) that the write just
                 # created: the boot state is what is on the ESP now.
                 boot = self.boot.load()
-            journal = journal.with_installed(inactive, chosen.version)
+            fetched = sum(int(i["fetched"]) for i in images.values())
+            journal = journal.with_installed(inactive, chosen.version).with_install_record(
+                inactive, chosen.version, fetched, time.monotonic() - started
+            )
             self._save(journal)
             failpoint("recorded")
         if not activate:
             return InstallResult(chosen.version, inactive, images=images, reused=reused)
+        # The window, quorum, then the reboot lock: taken last, recorded before the
+        # switch, so a crash from here on still knows it holds a slot of the group.
+        hold = self.fleet.may_reboot()
+        if hold is not None:
+            self._hold(journal, hold)
+            return InstallResult(
+                chosen.version, inactive, images=images, reused=reused, waiting=hold
+            )
+        if self.fleet.coordinated or journal.waiting is not None:
+            journal = journal.with_waiting(None)
+            if self.fleet.coordinated:
+                journal = journal.with_lock(self.fleet.group)
+                log.info("took a reboot slot of group %s", self.fleet.group)
+            self._save(journal)
+        failpoint("locked")
         self._activate(journal, boot, booted, inactive, reboot=reboot)
         return InstallResult(
             chosen.version, inactive, activated=True, rebooting=reboot, reused=reused, images=images
         )
+
+    def _hold(self, journal: Journal, hold: Hold) -> InstallResult:
+        """Stop short of installing or rebooting, and say why (journal, log)."""
+        log.info("waiting: %s", hold.line())
+        if journal.waiting != hold.line():
+            self._save(journal.with_waiting(hold.line()))
+        return InstallResult(version=None, waiting=hold)
 
     def _holds(self, journal: Journal, slot: str, chosen: Release) -> bool:
         """Whether `slot` already holds every image of `chosen`, verified by reading it back."""
@@ -427,15 +483,96 @@ class Agent(Node):
         outcome = decision.outcome
         if decision.error is not None and decision.reboot:
             log.error("%s", decision.error)  # said before the reboot cuts the process off
-        self._carry_out(decision.step, between=_MARKED.get(outcome.action))
+        _, journal = self._carry_out(decision.step, between=_MARKED.get(outcome.action))
         if decision.post_commit:
             log.info("slot %s (%s) passed its health checks: committed", booted, outcome.version)
             run_hook("post_commit", self.config.hooks.post_commit, self.config.hooks.timeout)
+        if journal.lock_held is not None and outcome.action in _RELEASES:
+            self._release_after_boot(journal, outcome, clock=clock, sleep=sleep)
+        self.write_metrics()
         if decision.reboot:
             self.reboot()
         if decision.error is not None:
             raise SlotFailed(decision.error, details=outcome.to_json())
         return outcome
+
+    def _release_after_boot(
+        self,
+        journal: Journal,
+        outcome: HealthOutcome,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+    ) -> None:
+        """Give the reboot slot back once this node is healthy on a committed slot: the
+        new one (just committed), or the old one after a rollback or a fall-back - whose
+        checks run first, so a node that comes back sick keeps its slot and stops the
+        rollout of its group."""
+        if outcome.action is not HealthAction.COMMITTED:
+            result = health.run_health_checks(self.config.health, clock=clock, sleep=sleep)
+            if not result.passed:
+                log.error(
+                    "slot %s is not healthy (%s): keeping the reboot lock of group %s",
+                    outcome.slot,
+                    result.summary(),
+                    journal.lock_held,
+                )
+                return
+        if self.fleet.release_lock():
+            self._save(journal.with_lock(None))
+
+    def reboot_lock(self) -> dict[str, Any]:
+        """The group's reboot semaphore as the backend has it, and this node's record."""
+        if not self.fleet.coordinated:
+            raise ConfigError(f"config {self.config.path}: [coordination] backend is none")
+        journal = self.journal()
+        return {
+            "group": self.fleet.group,
+            "max_concurrent": self.config.coordination.max_concurrent,
+            "holders": list(self.fleet.lock.holders()),
+            "node_id": self.fleet.node_id,
+            "held_by_this_node": journal.lock_held is not None,
+        }
+
+    @changes_node
+    def release_reboot_lock(self, node_id: str | None = None) -> bool:
+        """An operator gives back the reboot slot of `node_id` (default: this node) - of
+        a node that never came back, say; True if it was held."""
+        if not self.fleet.coordinated:
+            raise ConfigError(f"config {self.config.path}: [coordination] backend is none")
+        own = node_id is None or node_id == self.fleet.node_id
+        released = self.fleet.lock.release(node_id or self.fleet.node_id)
+        journal = self.journal()
+        if own and journal.lock_held is not None:
+            self._save(journal.with_lock(None))
+        return released
+
+    def write_metrics(self) -> None:
+        """The node's facts for node_exporter's textfile collector, if configured. A
+        failure is logged: metrics never fail the command they describe."""
+        path = self.config.metrics.path
+        if path is None:
+            return
+        from updater.metrics import NodeFacts
+        from updater.metrics import write_metrics as write
+
+        try:
+            journal = self.journal()
+            booted = self.booted
+            boot = self.boot.load()
+            facts = NodeFacts(
+                booted_slot=booted,
+                booted_version=self.installed_version(journal),
+                primary_slot=boot.primary(),
+                journal=journal,
+                lock_held=(journal.lock_held is not None) if self.fleet.coordinated else None,
+                metadata_dir=self.state_dir / "tuf",
+                rollout_waiting=journal.waiting.split(":", 1)[0] if journal.waiting else None,
+                now=self.fleet.clock(),
+            )
+            write(path, facts)
+        except (OSError, UpdaterError) as e:
+            log.warning("metrics %s not written: %s", path, e)
 
     # --- daemon --------------------------------------------------------------------
 
@@ -467,7 +604,23 @@ class Agent(Node):
             sleep(delay)
 
     def _cycle(self) -> None:
+        try:
+            self._cycle_once()
+        finally:
+            self.write_metrics()
+
+    def _cycle_once(self) -> None:
         journal = self.journal()
+        # A release that failed at boot (etcd unreachable then) is retried here, once
+        # the node runs a committed slot again.
+        if (
+            journal.lock_held is not None
+            and journal.pending is None
+            and self.boot.load().state(self.booted) is SlotState.GOOD
+            and self.fleet.release_lock()
+        ):
+            journal = journal.with_lock(None)
+            self._save(journal)
         try:
             decide.check_can_install(journal, self.booted)
         except decide.NotCommitted:

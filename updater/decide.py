@@ -270,7 +270,10 @@ def after_boot(
     if health.passed:
         return HealthDecision(
             HealthOutcome(HealthAction.COMMITTED, booted, version, summary),
-            Step(boot.commit(booted), journal.with_good(version)),
+            Step(
+                boot.commit(booted),
+                journal.with_good(version).with_commit_record(booted, version, now),
+            ),
             post_commit=True,
         )
     fallback = other(booted)

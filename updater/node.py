@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -179,7 +180,25 @@ class Node:
             "failed_versions": sorted(journal.failed_versions),
             "last_check": journal.last_check,
             "last_error": journal.last_error,
+            "last_install": None if journal.last_install is None else asdict(journal.last_install),
+            "last_commit": None if journal.last_commit is None else asdict(journal.last_commit),
+            "waiting": journal.waiting,
+            "lock_held": journal.lock_held,
+            "withdrawn": self._withdrawn(self.installed_version(journal)),
         }
+
+    def _withdrawn(self, version: str | None) -> str | None:
+        """`version` if the newest verified targets metadata (the TUF cache the last
+        refresh left) withdraws it; read as JSON, no tuf import (fast `status`)."""
+        if version is None:
+            return None
+        from updater.rollout import withdrawn_in_cache
+
+        return (
+            version
+            if withdrawn_in_cache(self.state_dir / "tuf", self.config.device, version)
+            else None
+        )
 
 
 def _free_bytes(path: Path) -> int:

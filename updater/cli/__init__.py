@@ -40,6 +40,7 @@ COMMANDS = {
     "mark-bad": f"{_AGENT}:mark_bad",
     "health-check": f"{_AGENT}:health_check",
     "daemon": f"{_AGENT}:daemon",
+    "reboot-lock": "updater.cli.fleet:reboot_lock",
     "layout": "updater.cli.layout:layout",
     "tuf-client": "updater.cli.tufclient:tuf_client",
 }

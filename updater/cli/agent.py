@@ -112,6 +112,15 @@ def status(ctx: click.Context) -> None:
         lines.append(f"failed versions: {', '.join(data['failed_versions'])}")
     if data["last_error"]:
         lines.append(f"last error: {data['last_error']}")
+    if data["withdrawn"]:
+        lines.append(
+            f"withdrawn: the running release {data['withdrawn']} is withdrawn by its signed"
+            " rollout plan; the next release installs as usual"
+        )
+    if data["waiting"]:
+        lines.append(f"waiting: {data['waiting']}")
+    if data["lock_held"]:
+        lines.append(f"reboot lock: held (group {data['lock_held']})")
     emit(data, lines)
 
 
@@ -126,6 +135,8 @@ def check(ctx: click.Context, source: Path | None) -> None:
         if data["update_available"]
         else f"up to date (running {data['current_version'] or 'unknown'})"
     )
+    if data["waiting"]:
+        text += f"; waiting for {data['waiting']['reason']}: {data['waiting']['detail']}"
     emit(data, text)
 
 
@@ -157,7 +168,9 @@ def install(
         source=source,
         progress=_progress(),
     )
-    if result.version is None:
+    if result.version is None and result.waiting is not None:
+        text = f"not installing now: {result.waiting.line()}"
+    elif result.version is None:
         text = "nothing to install: already running the newest release"
     else:
         text = f"installed {result.version} into slot {result.slot}" + (
@@ -167,6 +180,8 @@ def install(
             text += f"; slot {result.slot} boots next"
         if result.rebooting:
             text += "; rebooting"
+        if result.waiting is not None:
+            text += f"; not switching yet: {result.waiting.line()}"
     emit({"event": "result", **result.to_json()}, text)
 
 
