@@ -43,6 +43,9 @@ class Node:
     repo: Path
     bootloader: str = "grub"
     images: dict[str, Path] = field(default_factory=dict)
+    # More config: keys of [device] (`device_extra`), tables after [hooks] (`extra`).
+    device_extra: str = ""
+    extra: str = ""
 
     @property
     def config(self) -> Path:
@@ -69,6 +72,7 @@ bootloader = "{self.bootloader}"
 {grubenv}booted_slot = "{booted}"
 state_dir = "{self.root / "state"}"
 os_release = "{self.root / "os-release"}"
+{self.device_extra}
 [slots.A]
 root = "root_a"
 [slots.B]
@@ -80,6 +84,7 @@ checks = [{{ command = ["sh", "-c", "test ! -e {self.root / "unhealthy"}"] }}]
 [hooks]
 pre_reboot = ["sh", "-c", "echo pre_reboot >> {self.reboots}"]
 reboot = ["sh", "-c", "echo reboot >> {self.reboots}"]
+{self.extra}
 """
         )
 
