@@ -35,7 +35,8 @@ from core.errors import ConfigError
 from core.release import check_name, check_role, check_target_path
 from core.textparse import loads_toml, read_toml
 from updater.boot.registry import known_bootloaders
-from updater.config_fleet import CoordinationConfig, MetricsConfig
+from updater.config_fleet import CoordinationConfig as CoordinationConfig  # re-exported
+from updater.config_fleet import MetricsConfig as MetricsConfig  # re-exported
 from updater.config_fleet import coordination as _coordination
 from updater.config_fleet import daemon_windows as _daemon_windows
 from updater.config_fleet import metrics as _metrics
