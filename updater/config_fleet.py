@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.release import check_name
+from updater.coordination.base import BACKENDS
 from updater.windows import WindowError, parse_windows
 
 if TYPE_CHECKING:  # updater.config imports this module
     from updater.config import _Table
 
-# The backends of updater.coordination.BACKENDS; "none" makes no lock.
-COORDINATION_BACKENDS = ("none", "etcd")
+# The registry's names (a new backend module is known here at once); "none": no lock.
+COORDINATION_BACKENDS = tuple(sorted(BACKENDS))
 ETCD_SCHEMES = ("http", "https")
 METRICS_SUFFIX = ".prom"  # node_exporter's textfile collector reads only *.prom files
 
