@@ -2,11 +2,13 @@
 into every target of the release beside `custom.release` (`core.release`):
 
     "rollout": {"state": "active",
-                "waves": [{"share": 0.05, "start": "2026-12-03T02:00:00Z"},
-                          {"share": 0.25, "start": "2026-12-04T02:00:00Z"},
-                          {"share": 1.0, "start": "2026-12-05T02:00:00Z"}]}
+                "waves": [{"share": "0.05", "start": "2026-12-03T02:00:00Z"},
+                          {"share": "0.25", "start": "2026-12-04T02:00:00Z"},
+                          {"share": "1", "start": "2026-12-05T02:00:00Z"}]}
 
-`share` is cumulative (the first 5% of the fleet, then up to 25%, then all); a node at
+`share` is cumulative (the first 5% of the fleet, then up to 25%, then all), written as
+a decimal string with at most 6 decimals: TUF signs canonical JSON, which has no
+floats (securesystemslib refuses to encode one), and a string is exact. A node at
 position p (`updater.rollout.position`) is in the first wave with p < share and may
 install from that wave's `start`. `paused` holds every node that does not have the
 release yet; `withdrawn` takes it off offer (`updater.select`).
@@ -19,7 +21,8 @@ Invariants:
 
 * A `RolloutPlan` is valid by construction (checked in `__post_init__`, whoever builds
   it, so `parse_waves`, `from_custom` and the signing tools share one rule): 1..20 waves,
-  cumulative shares strictly increasing in (0, 1] and ending at exactly 1, starts aware
+  cumulative shares strictly increasing in (0, 1], multiples of 0.000001 (so the signed
+  decimal is exactly the share), ending at exactly 1, starts aware
   UTC datetimes of whole seconds, non-decreasing; `from_custom(to_custom())` is the same
   plan.
 * Unknown keys are refused, not ignored: a node must not install early because it does
@@ -34,6 +37,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from core.fielderror import FieldError, refuse
@@ -46,7 +50,11 @@ _TIME_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):(
 # absolute UTC time (seconds optional), `+N` minutes/hours/days from now, or `now`.
 # Digits are bounded so that no number is ever huge (1e309, 10**400): the rule, not a
 # float conversion, refuses them.
-_SHARE_RE = re.compile(r"(?:[0-9]{1,3}(?:\.[0-9]{1,12})?|\.[0-9]{1,12})(%?)")
+_SHARE_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,6})?|\.[0-9]{1,6}|([0-9]{1,3}(?:\.[0-9]{1,4})?)%")
+# The signed form: a decimal string, at most 6 decimals, no sign, exponent or spaces.
+_SIGNED_SHARE_RE = re.compile(r"0\.[0-9]{1,6}|1(?:\.0{1,6})?")
+SHARE_RULE = 'is not a decimal string in (0, 1] with at most 6 decimals ("0.05", "1")'
+_DECIMALS = 6
 _WHEN_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2})(?::([0-9]{2}))?Z")
 _AFTER_RE = re.compile(r"\+([0-9]{1,6})([mhd])")
 _AFTER_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
@@ -114,10 +122,8 @@ class RolloutPlan:
             if not isinstance(wave, dict) or set(wave) != {"share", "start"}:
                 raise refuse(FieldError, where, wave, "is not an object {share, start}")
             share, start = wave["share"], wave["start"]
-            # Compared before float(): an int of 400 digits must not overflow it.
-            if not isinstance(share, int | float) or isinstance(share, bool) or not 0 < share <= 1:
-                rule = "is not a number in (0, 1] (a cumulative share of the fleet)"
-                raise refuse(FieldError, f"{where}.share", share, rule)
+            if not isinstance(share, str) or not _SIGNED_SHARE_RE.fullmatch(share):
+                raise refuse(FieldError, f"{where}.share", share, SHARE_RULE)
             m = _TIME_RE.fullmatch(start) if isinstance(start, str) else None
             if m is None:
                 raise refuse(FieldError, f"{where}.start", start, f"is not {TIME_RULE}")
@@ -128,7 +134,9 @@ class RolloutPlan:
         """The `custom.rollout` value this plan is parsed from (`from_custom`'s inverse)."""
         return {
             "state": self.state,
-            "waves": [{"share": w.share, "start": format_time(w.start)} for w in self.waves],
+            "waves": [
+                {"share": format_share(w.share), "start": format_time(w.start)} for w in self.waves
+            ],
         }
 
     def describe(self) -> str:
@@ -141,6 +149,11 @@ def _percent(share: float) -> str:
     return f"{share * 100:.4g}%"
 
 
+def format_share(share: float) -> str:
+    """`share` as the plan signs it: `0.05`, `1` (a valid share has at most 6 decimals)."""
+    return f"{share:.{_DECIMALS}f}".rstrip("0").rstrip(".")
+
+
 def _check_waves(waves: Sequence[Wave], where: str) -> None:
     """The rules of a plan's waves; `FieldError` naming `<where>[i].<field>`."""
     if not 1 <= len(waves) <= MAX_WAVES:
@@ -151,6 +164,9 @@ def _check_waves(waves: Sequence[Wave], where: str) -> None:
         # Range first: NaN and infinities fail it, and a huge int is never converted.
         if not isinstance(share, int | float) or isinstance(share, bool) or not 0 < share <= 1:
             rule = "is not a number in (0, 1] (a cumulative share of the fleet)"
+            raise refuse(FieldError, f"{where}[{i}].share", share, rule)
+        if round(share, _DECIMALS) != share:
+            rule = f"has more than {_DECIMALS} decimals (the plan signs it as a decimal)"
             raise refuse(FieldError, f"{where}[{i}].share", share, rule)
         if i and share <= waves[i - 1].share:
             rule = f"is not above the share of the wave before ({waves[i - 1].share}; cumulative)"
@@ -187,7 +203,9 @@ def parse_waves(spec: str, now: datetime) -> tuple[Wave, ...]:
         m = _SHARE_RE.fullmatch(share_text)
         if not at or m is None:
             raise refuse(FieldError, field, item, f"is not {WAVES_RULE}")
-        share = float(share_text.rstrip("%")) / (100 if m.group(1) else 1)
+        # Decimal: 33.3333% is exactly 0.333333, not a float quotient next to it.
+        exact = Decimal(share_text.rstrip("%")) / (100 if m.group(1) else 1)
+        share = float(exact)
         waves.append(Wave(share, _when(field, item, when, now)))
     _check_waves(waves, "waves")
     return tuple(waves)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from securesystemslib.formats import encode_canonical
 from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 
 from core.errors import UpdateFailed
@@ -177,6 +178,12 @@ def test_parse_waves_absolute_relative_and_percentages() -> None:
     )
     assert parse_waves("1@2026-12-03T02:00:07Z", NOW) == (Wave(1.0, T0 + timedelta(seconds=7)),)
     assert parse_waves("0.1@+1h,1@+1h", NOW)[1].start == NOW + timedelta(hours=1)  # same time
+    # A percentage is exact in millionths (a float quotient would be next to it).
+    assert parse_waves("33.3333%@now,1@now", NOW)[0].share == 0.333333
+    assert RolloutPlan(parse_waves("0.000001@now,1@now", NOW)).to_custom()["waves"] == [
+        {"share": "0.000001", "start": "2026-12-03T01:30:00Z"},
+        {"share": "1", "start": "2026-12-03T01:30:00Z"},
+    ]
 
 
 HOSTILE_SPECS = {
@@ -200,6 +207,8 @@ HOSTILE_SPECS = {
     "1\x00@now": "waves[0]",
     "9" * 400 + "@now": "waves[0]",
     "0." + "1" * 400 + "@now,1@now": "waves[0]",
+    "0.1234567@now,1@now": "waves[0]",
+    "12.34567%@now,1@now": "waves[0]",
     "1@+" + "9" * 30 + "d": "waves[0]",
     "1@+9999999d": "waves[0]",
     "1@2026-02-30T00:00Z": "waves[0]",
@@ -233,7 +242,10 @@ def test_hostile_wave_specs_are_one_line_naming_the_wave(spec: str) -> None:
 
 
 START = "2026-12-03T02:00:00Z"
-GOOD = {"state": "active", "waves": [{"share": 0.25, "start": START}, {"share": 1, "start": START}]}
+GOOD = {
+    "state": "active",
+    "waves": [{"share": "0.25", "start": START}, {"share": "1", "start": START}],
+}
 HOSTILE_PLANS: list[tuple[Any, str]] = [
     (None, "rollout"),
     ([], "rollout"),
@@ -243,29 +255,27 @@ HOSTILE_PLANS: list[tuple[Any, str]] = [
     ({**GOOD, "extra": 1}, "rollout"),
     ({"state": "active"}, "rollout.waves"),
     ({**GOOD, "waves": []}, "rollout.waves"),
-    ({**GOOD, "waves": [{"share": 1, "start": START}] * 21}, "rollout.waves"),
+    ({**GOOD, "waves": [{"share": "1", "start": START}] * 21}, "rollout.waves"),
     ({**GOOD, "waves": "1@now"}, "rollout.waves"),
     ({**GOOD, "waves": [1]}, "rollout.waves[0]"),
-    ({**GOOD, "waves": [{"share": 1}]}, "rollout.waves[0]"),
-    ({**GOOD, "waves": [{"share": 1, "start": START, "x": 0}]}, "rollout.waves[0]"),
-    ({**GOOD, "waves": [{"share": float("nan"), "start": START}]}, "rollout.waves[0].share"),
-    ({**GOOD, "waves": [{"share": float("inf"), "start": START}]}, "rollout.waves[0].share"),
-    ({**GOOD, "waves": [{"share": 10**400, "start": START}]}, "rollout.waves[0].share"),
-    ({**GOOD, "waves": [{"share": True, "start": START}]}, "rollout.waves[0].share"),
-    ({**GOOD, "waves": [{"share": "1", "start": START}]}, "rollout.waves[0].share"),
-    ({**GOOD, "waves": [{"share": 0, "start": START}]}, "rollout.waves[0].share"),
-    ({**GOOD, "waves": [{"share": 0.5, "start": START}]}, "rollout.waves[0].share"),
+    ({**GOOD, "waves": [{"share": "1"}]}, "rollout.waves[0]"),
+    ({**GOOD, "waves": [{"share": "1", "start": START, "x": 0}]}, "rollout.waves[0]"),
+    *(({**GOOD, "waves": [{"share": bad, "start": START}]}, "rollout.waves[0].share")
+      for bad in (float("nan"), float("inf"), 10**400, True, 1, 1.0, 0.5, None, "NaN",
+                  "Infinity", "1e309", "1e-3", "0", "0.0", "0.000000", "1.5", "2", "-0.5",
+                  "+0.5", ".5", "0.5 ", " 0.5", "0.5\x00", "0.1234567", "1.0000001",
+                  "0." + "1" * 400, "\uff19")),
     ({**GOOD, "waves": [GOOD["waves"][1], GOOD["waves"][0]]}, "rollout.waves[1].share"),
-    ({**GOOD, "waves": [{"share": 1, "start": "2026-12-03T02:00:00+00:00"}]},
+    ({**GOOD, "waves": [{"share": "1", "start": "2026-12-03T02:00:00+00:00"}]},
      "rollout.waves[0].start"),
-    ({**GOOD, "waves": [{"share": 1, "start": "2026-12-03T02:00:00.5Z"}]},
+    ({**GOOD, "waves": [{"share": "1", "start": "2026-12-03T02:00:00.5Z"}]},
      "rollout.waves[0].start"),
-    ({**GOOD, "waves": [{"share": 1, "start": "2026-13-03T02:00:00Z"}]},
+    ({**GOOD, "waves": [{"share": "1", "start": "2026-13-03T02:00:00Z"}]},
      "rollout.waves[0].start"),
-    ({**GOOD, "waves": [{"share": 1, "start": START + "\x00"}]}, "rollout.waves[0].start"),
-    ({**GOOD, "waves": [{"share": 1, "start": 1764727200}]}, "rollout.waves[0].start"),
-    ({**GOOD, "waves": [{"share": 0.5, "start": "2026-12-04T00:00:00Z"},
-                        {"share": 1, "start": START}]}, "rollout.waves[1].start"),
+    ({**GOOD, "waves": [{"share": "1", "start": START + "\x00"}]}, "rollout.waves[0].start"),
+    ({**GOOD, "waves": [{"share": "1", "start": 1764727200}]}, "rollout.waves[0].start"),
+    ({**GOOD, "waves": [{"share": "0.5", "start": "2026-12-04T00:00:00Z"},
+                        {"share": "1", "start": START}]}, "rollout.waves[1].start"),
 ]  # fmt: skip
 
 
@@ -281,18 +291,21 @@ def test_hostile_signed_plans_are_one_line_naming_the_field(obj: Any, field: str
 
 
 @given(
-    st.lists(st.floats(0.001, 0.999), max_size=19, unique=True),
+    st.lists(st.integers(1, 999_999), max_size=19, unique=True),
     st.lists(st.integers(0, 10**9), min_size=20, max_size=20),
     st.sampled_from(["active", "paused", "withdrawn"]),
 )
 def test_plans_round_trip_through_signed_json(
-    shares: list[float], offsets: list[int], state: str
+    millionths: list[int], offsets: list[int], state: str
 ) -> None:
-    cumulative = [*sorted(shares), 1.0]
+    cumulative = [*(n / 10**6 for n in sorted(millionths)), 1.0]
     starts = sorted(T0 + timedelta(seconds=o) for o in offsets[: len(cumulative)])
     p = RolloutPlan(tuple(Wave(s, t) for s, t in zip(cumulative, starts, strict=True)), state)
-    again = RolloutPlan.from_custom(json.loads(json.dumps(p.to_custom())))
-    assert again == p
+    # Canonical JSON (what TUF signs) holds no floats: the plan must encode there.
+    signed = encode_canonical(p.to_custom())
+    assert isinstance(signed, str)
+    again = RolloutPlan.from_custom(json.loads(signed))
+    assert again == p and again.to_custom() == p.to_custom()
 
 
 # --- grouping and selection -----------------------------------------------------------
