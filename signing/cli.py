@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 import click
 
 from core.cli import allow_example_keys_option, emit, program, trusted_root_option
-from core.release import COMPRESSIONS
+from core.release import COMPRESSIONS, RolloutPlan
 from signing import create
 from signing import repository as repo_ops
+from signing import rollout as rollout_ops
 from signing.errors import KeyFileError, SigningError
 from signing.keys import (
     KEY_TYPES,
@@ -93,6 +94,15 @@ def sign_with_option(
         metavar="KEY",
         help=help + " Repeat for more signatures.",
     )
+
+
+def waves_option(f: F) -> F:
+    return click.option(
+        "--waves",
+        metavar="SPEC",
+        help="Rollout plan: cumulative SHARE@WHEN waves, e.g. "
+        "'0.05@2026-12-03T02:00Z,25%@+1d,1@+2d' (WHEN: UTC time, +N[mhd] from now, now).",
+    )(f)
 
 
 def _parse_expires(values: Sequence[str], allowed: Sequence[str]) -> dict[str, int]:
@@ -260,6 +270,7 @@ def init(
 @click.option(
     "--compress", "compression", type=click.Choice(COMPRESSIONS), default="zstd", show_default=True
 )
+@waves_option
 @click.option("--expires", "expires_days", type=int, help="Targets expiry in days (90).")
 @sign_with_option(help="Targets private key file or URI.")
 @passphrase_option
@@ -271,12 +282,14 @@ def add(
     role: str,
     channel: str,
     compression: str,
+    waves: str | None,
     expires_days: int | None,
     sign_with: tuple[str, ...],
     passphrase_file: Path | None,
 ) -> None:
     """Compress IMAGE into REPO and stage it in targets, signed."""
-    release = repo_ops.Release(image, version, hardware, role, channel, compression)
+    plan = None if waves is None else RolloutPlan(rollout_ops.waves_option(waves))
+    release = repo_ops.Release(image, version, hardware, role, channel, compression, plan)
     files = repo_ops.add_release(
         repo,
         release,
@@ -288,6 +301,53 @@ def add(
     emit(
         {"staged": [{"path": tf.path, "length": tf.length, "hashes": tf.hashes} for tf in files]},
         [f"staged {tf.path} ({tf.length} bytes, sha256 {tf.hashes['sha256']})" for tf in files],
+    )
+
+
+@cli.command()
+@click.argument("repo", type=PathArg)
+@click.argument("hardware")
+@click.argument("version")
+@click.option("--pause", is_flag=True, help="Hold every node that does not have it yet.")
+@click.option("--resume", is_flag=True, help="Go on with the waves after --pause/--withdraw.")
+@click.option("--withdraw", is_flag=True, help="Offer it to no node (as if it were absent).")
+@waves_option
+@click.option("--expires", "expires_days", type=int, help="Targets expiry in days (90).")
+@sign_with_option(help="Targets private key file or URI.")
+@passphrase_option
+def rollout(
+    repo: Path,
+    hardware: str,
+    version: str,
+    pause: bool,
+    resume: bool,
+    withdraw: bool,
+    waves: str | None,
+    expires_days: int | None,
+    sign_with: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
+    """Change the rollout plan of VERSION for HARDWARE in every target of it; stage
+    targets (then `publish`). Image bytes, lengths and hashes are unchanged."""
+    flags = {"pause": pause, "resume": resume, "withdraw": withdraw, "waves": waves is not None}
+    given = [name for name, on in flags.items() if on]
+    if len(given) != 1:
+        raise SigningError("rollout needs one of --pause, --resume, --withdraw, --waves SPEC")
+    spec = rollout_ops.waves_option(waves) if waves is not None else ()
+    plan, files = rollout_ops.change_rollout(
+        repo,
+        hardware,
+        version,
+        rollout_ops.RolloutChange(given[0], spec),
+        sign_with,
+        expires_days=expires_days,
+        secrets=_secrets(passphrase_file),
+        allow_example_keys=_allow_example_keys(),
+    )
+    staged = [tf.path for tf in files]
+    emit(
+        {"hardware": hardware, "version": version, "rollout": plan.to_custom(), "staged": staged},
+        [f"{version} for {hardware}: {plan.describe()}", *(f"staged {p}" for p in staged)],
     )
 
 

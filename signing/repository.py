@@ -17,9 +17,10 @@ threshold, then adds a new snapshot and timestamp signed with the online keys.
 
 A release image becomes one target per hardware name (`core.release.target_path`:
 `<hardware>/<version>/<role>.img<.zst|.xz|.gz>`), whose `custom.release.hardware` is
-`[<hardware>]`; the stored file is written once and hard-linked into each hardware
-directory, at the path a consistent-snapshot repository serves (`core.release.
-served_path`).
+`[<hardware>]`, and `custom.rollout` its plan if it has one (`signing.rollout`, which
+also keeps published targets immutable but for that plan); the stored file is written
+once and hard-linked into each hardware directory, at the path a consistent-snapshot
+repository serves (`core.release.served_path`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 )
 
 from core.fsutil import fsync_dir, makedirs_durable, temp_file
-from core.release import FieldError, ReleaseFields, build_custom, served_path, target_path
+from core.release import (
+    FieldError,
+    ReleaseFields,
+    RolloutPlan,
+    build_custom,
+    served_path,
+    target_path,
+)
 from signing.compress import StoredImage, compress_stream
 from signing.errors import (
     RepositoryIOError,
@@ -58,6 +66,7 @@ from signing.roles import (
     root_signing_keys,
     sign_all,
 )
+from signing.rollout import add_plans, check_only_plans_changed
 from signing.store import (
     OFFLINE_ROLES,
     ONLINE_ROLES,
@@ -94,6 +103,7 @@ class Release:
     role: str = "root"
     channel: str = "stable"
     compression: str = "zstd"
+    rollout: RolloutPlan | None = None  # `--waves`; None: keep the version's plan
 
     def validate(self) -> None:
         """Refuse anything a node would not install: each target `add` would sign is
@@ -109,10 +119,14 @@ class Release:
             raise SigningError(f"image {self.image}: {why}")
         size = self.image.stat().st_size
         for hw in self.hardware:
-            self.target_file(hw, StoredImage(size, _UNKNOWN_SHA256, 0, _UNKNOWN_SHA256))
+            stored = StoredImage(size, _UNKNOWN_SHA256, 0, _UNKNOWN_SHA256)
+            self.target_file(hw, stored, self.rollout)
 
-    def target_file(self, hardware: str, stored: StoredImage) -> TargetFile:
-        """The target `add` signs for `hardware`, once the node's parser accepted it."""
+    def target_file(
+        self, hardware: str, stored: StoredImage, rollout: RolloutPlan | None
+    ) -> TargetFile:
+        """The target `add` signs for `hardware` with plan `rollout`, once the node's
+        parser accepted it."""
         custom = build_custom(
             version=self.version,
             hardware=[hardware],
@@ -121,6 +135,7 @@ class Release:
             compression=self.compression,
             raw_length=stored.raw_length,
             raw_sha256=stored.raw_sha256,
+            rollout=None if rollout is None else rollout.to_custom(),
         )
         try:
             path = ReleaseFields.from_custom(custom).target_path(hardware)
@@ -179,13 +194,16 @@ def add_release(
                         f"version {release.version} of role {release.role} for hardware {hw} "
                         f"is already {where} ({tpath}); versions are immutable, use a new one"
                     )
+        plans = add_plans(
+            targets.signed.targets, release.hardware, release.version, release.rollout
+        )
         # Compression changes the content: every earlier signature becomes invalid.
         targets.signatures.clear()
         if expires_days is None:
             targets.signed.expires = expiry(store.expiry_days("targets"))
         created: list[Path] = []
         try:
-            files = _store_image(store, release, created)
+            files = _store_image(store, release, created, plans)
             for tf in files:
                 targets.signed.targets[tf.path] = tf
             sign_all(targets, signers)
@@ -212,14 +230,19 @@ def _same_image(path: str, target: TargetFile, release: Release, hardware: str) 
     )
 
 
-def _store_image(store: Store, release: Release, created: list[Path]) -> list[TargetFile]:
+def _store_image(
+    store: Store,
+    release: Release,
+    created: list[Path],
+    plans: Mapping[str, RolloutPlan | None],
+) -> list[TargetFile]:
     """Compress the image once, then link it into each hardware's target directory."""
     try:
         with release.image.open("rb") as src, temp_file(store.targets_dir) as (dst, tmp):
             raw_size = os.fstat(src.fileno()).st_size
             stored = compress_stream(src, dst, release.compression, raw_size)
             # Parsed again with what was really read (the image may have changed).
-            files = [release.target_file(hw, stored) for hw in release.hardware]
+            files = [release.target_file(hw, stored, plans[hw]) for hw in release.hardware]
             # Targets are public (every node and mirror reads them): world-readable, as
             # metadata is, so a web server's unprivileged worker can serve the tree.
             os.fchmod(dst.fileno(), 0o644)
@@ -325,6 +348,8 @@ def publish(
         sign_all(timestamp, ts_signers)
         require_threshold(store, root, "timestamp", timestamp)
         staged_targets = store.staged("targets") is not None
+        if staged_targets:
+            check_only_plans_changed(store.published_targets(), targets)
         # In this order: timestamp.json last, as it makes the new versions visible.
         writes = [staged_root] if staged_root is not None else []
         writes += [targets] if staged_targets else []

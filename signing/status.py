@@ -2,7 +2,8 @@
 
 For every role, published and staged: version, valid signatures against the
 threshold (counted by python-tuf against the keys root gives the role), the keyids
-that may sign it, the expiry date and the days left. Read-only; pure reporting.
+that may sign it, the expiry date and the days left; for targets, the rollout plan of
+every release that has one (as a node parses it). Read-only; pure reporting.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
 
+from core.release import ReleaseFields, RolloutPlan
 from signing.store import OFFLINE_ROLES, ROLES, Store, now, threshold_of
 
 
@@ -31,7 +33,29 @@ def _describe(md: Metadata[Any], root: Root, role: str) -> dict[str, Any]:
     }
     if role == "targets":
         entry["targets"] = len(md.signed.targets)
+        entry["rollouts"] = _rollouts(md)
     return entry
+
+
+def _rollouts(md: Metadata[Any]) -> list[dict[str, Any]]:
+    """[{hardware, version, rollout: plan or None, agree}] of each release with a plan;
+    `agree` False: its images carry different plans (nodes skip it), `rollout` None."""
+    plans: dict[tuple[str, str], set[RolloutPlan | None]] = {}
+    for path, target in md.signed.targets.items():
+        try:
+            fields = ReleaseFields.from_target(path, target)
+        except ValueError:
+            continue
+        for hw in fields.hardware:
+            plans.setdefault((hw, fields.version.text), set()).add(fields.rollout)
+    out = []
+    for (hw, version), found in sorted(plans.items()):
+        (plan,) = found if len(found) == 1 else (None,)
+        if found != {None}:
+            rollout = None if plan is None else plan.to_custom()
+            out.append({"hardware": hw, "version": version, "rollout": rollout,
+                        "agree": len(found) == 1})  # fmt: skip
+    return out
 
 
 def repository_status(path: Path) -> dict[str, Any]:
@@ -76,6 +100,13 @@ def format_status(status: dict[str, Any]) -> list[str]:
                 f"{role:<10} {state:<10} {e['version']:>7} {sigs:>5} "
                 f"{e['expires']:<20} {left:>9}  {keyids}"
             )
+            for r in e.get("rollouts", ()):
+                plan = (
+                    RolloutPlan.from_custom(r["rollout"]).describe()
+                    if r["agree"]
+                    else ("its images carry different plans: nodes skip it")
+                )
+                lines.append(f"{'':<10} rollout {r['hardware']} {r['version']}: {plan}")
             if e.get("previous_root_missing"):
                 lines.append(
                     f"{'':<10} {'':<10} needs {e['previous_root_missing']} more "
