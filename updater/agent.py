@@ -57,10 +57,11 @@ from updater import decide, health
 from updater.boot.base import BootState, SlotState
 from updater.config import Config
 from updater.decide import HealthAction, HealthOutcome, Step
-from updater.fleet import Clock, Fleet, Hold, utc_now
+from updater.fleet import Clock, Hold, utc_now
+from updater.fleetnode import FleetNode
 from updater.hooks import run_hook
 from updater.lock import LockBusy
-from updater.node import Node, changes_node
+from updater.node import changes_node
 from updater.slots import FileTarget, other
 from updater.state import Journal
 
@@ -122,7 +123,7 @@ class InstallResult:
         }
 
 
-class Agent(Node):
+class Agent(FleetNode):
     """The node agent for one configuration. Cheap to build; touches disks lazily.
 
     `wait`: when another process holds the state directory's lock, a method that changes
@@ -137,9 +138,8 @@ class Agent(Node):
         wait: bool = False,
         clock: Clock = utc_now,
     ) -> None:
-        super().__init__(config, wait=wait)
+        super().__init__(config, wait=wait, clock=clock)
         self._session = session
-        self.fleet = Fleet(config, clock=clock)
 
     @property
     def session(self) -> requests.Session:
@@ -488,91 +488,13 @@ class Agent(Node):
             log.info("slot %s (%s) passed its health checks: committed", booted, outcome.version)
             run_hook("post_commit", self.config.hooks.post_commit, self.config.hooks.timeout)
         if journal.lock_held is not None and outcome.action in _RELEASES:
-            self._release_after_boot(journal, outcome, clock=clock, sleep=sleep)
+            self.release_after_boot(journal, outcome, clock=clock, sleep=sleep)
         self.write_metrics()
         if decision.reboot:
             self.reboot()
         if decision.error is not None:
             raise SlotFailed(decision.error, details=outcome.to_json())
         return outcome
-
-    def _release_after_boot(
-        self,
-        journal: Journal,
-        outcome: HealthOutcome,
-        *,
-        clock: Callable[[], float],
-        sleep: Callable[[float], None],
-    ) -> None:
-        """Give the reboot slot back once this node is healthy on a committed slot: the
-        new one (just committed), or the old one after a rollback or a fall-back - whose
-        checks run first, so a node that comes back sick keeps its slot and stops the
-        rollout of its group."""
-        if outcome.action is not HealthAction.COMMITTED:
-            result = health.run_health_checks(self.config.health, clock=clock, sleep=sleep)
-            if not result.passed:
-                log.error(
-                    "slot %s is not healthy (%s): keeping the reboot lock of group %s",
-                    outcome.slot,
-                    result.summary(),
-                    journal.lock_held,
-                )
-                return
-        if self.fleet.release_lock():
-            self._save(journal.with_lock(None))
-
-    def reboot_lock(self) -> dict[str, Any]:
-        """The group's reboot semaphore as the backend has it, and this node's record."""
-        if not self.fleet.coordinated:
-            raise ConfigError(f"config {self.config.path}: [coordination] backend is none")
-        journal = self.journal()
-        return {
-            "group": self.fleet.group,
-            "max_concurrent": self.config.coordination.max_concurrent,
-            "holders": list(self.fleet.lock.holders()),
-            "node_id": self.fleet.node_id,
-            "held_by_this_node": journal.lock_held is not None,
-        }
-
-    @changes_node
-    def release_reboot_lock(self, node_id: str | None = None) -> bool:
-        """An operator gives back the reboot slot of `node_id` (default: this node) - of
-        a node that never came back, say; True if it was held."""
-        if not self.fleet.coordinated:
-            raise ConfigError(f"config {self.config.path}: [coordination] backend is none")
-        own = node_id is None or node_id == self.fleet.node_id
-        released = self.fleet.lock.release(node_id or self.fleet.node_id)
-        journal = self.journal()
-        if own and journal.lock_held is not None:
-            self._save(journal.with_lock(None))
-        return released
-
-    def write_metrics(self) -> None:
-        """The node's facts for node_exporter's textfile collector, if configured. A
-        failure is logged: metrics never fail the command they describe."""
-        path = self.config.metrics.path
-        if path is None:
-            return
-        from updater.metrics import NodeFacts
-        from updater.metrics import write_metrics as write
-
-        try:
-            journal = self.journal()
-            booted = self.booted
-            boot = self.boot.load()
-            facts = NodeFacts(
-                booted_slot=booted,
-                booted_version=self.installed_version(journal),
-                primary_slot=boot.primary(),
-                journal=journal,
-                lock_held=(journal.lock_held is not None) if self.fleet.coordinated else None,
-                metadata_dir=self.state_dir / "tuf",
-                rollout_waiting=journal.waiting.split(":", 1)[0] if journal.waiting else None,
-                now=self.fleet.clock(),
-            )
-            write(path, facts)
-        except (OSError, UpdaterError) as e:
-            log.warning("metrics %s not written: %s", path, e)
 
     # --- daemon --------------------------------------------------------------------
 
