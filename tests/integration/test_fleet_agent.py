@@ -202,3 +202,32 @@ def test_a_bad_machine_id_is_one_line(node: Node) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "machine-id" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_metrics_follow_the_install_and_the_commit(node: Node) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = node.root / "textfile" / "updater.prom"
+    prom.parent.mkdir()
+    fleet_node(node)
+    node.extra += f'[metrics]\npath = "{prom}"\n'
+
+    def samples() -> dict[str, float]:
+        text = prom.read_text()
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    node.ok("install", "--no-reboot")
+    fetched = node.ok("status")["last_install"]["bytes_fetched"]
+    seen = samples()
+    assert seen["ab_updater_last_install_fetched_bytes"] == fetched > 0
+    assert "ab_updater_last_commit_timestamp_seconds" not in seen
+    node.grub_boots("B")
+    node.ok("health-check", booted="B")
+    seen = samples()
+    assert seen["ab_updater_last_commit_timestamp_seconds"] > 0
+    assert "ab_updater_reboot_lock_held" not in seen  # no coordination configured
+    assert not list(prom.parent.glob(".*"))  # no temp file left behind
