@@ -55,8 +55,9 @@ class EtcdClusterError(RuntimeError):
     """etcd is not installed, or a member did not come up (one line: which, and why)."""
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the test process dies."""
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it dies (a
+    killed test run or benchmark leaves nothing behind)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -244,7 +245,7 @@ class EtcdCluster:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,  # no threads start etcd
+                preexec_fn=die_with_parent,  # no threads start etcd
             )
 
     def start(self) -> EtcdCluster:
