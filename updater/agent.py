@@ -289,12 +289,13 @@ class Agent(FleetNode):
         # The wave: an operator's explicit --version is a choice that passes it.
         hold = self.fleet.wave(chosen) if version is None else None
         if hold is None and activate and journal.version_in(inactive) == chosen.version:
-            # Written already, waiting for a window: not read back again every cycle.
-            hold = self.fleet.window()
+            # Written already and waiting for a window, quorum or a free reboot slot:
+            # asked without taking anything, so that a node of a full group does not
+            # read its slot back at every cycle (a GiB of reads per poll).
+            hold = self.fleet.may_reboot(take=False)
         if hold is not None:
             return self._hold(journal, hold)
 
-        log.info("installing %s into slot %s", chosen.version, inactive)
         images: dict[str, dict[str, Any]] = {}
         started = time.monotonic()
         reused = self._holds(journal, inactive, chosen)
@@ -303,6 +304,7 @@ class Agent(FleetNode):
                 "slot %s already holds verified %s; not writing it again", inactive, chosen.version
             )
         else:
+            log.info("installing %s into slot %s", chosen.version, inactive)
             # Invalidate before a single byte is written (Bottlerocket's and RAUC's order).
             step = decide.before_writing(journal, boot, inactive)
             boot, journal = self._carry_out(step, between="invalidated")
@@ -549,7 +551,7 @@ class Agent(FleetNode):
             log.info("slot %s not yet committed; skipping this check", self.booted)
             return
         result = self._install(journal)
-        if result.version is not None:
+        if result.version is not None and not result.reused:
             log.info("installed %s into slot %s", result.version, result.slot)
 
 

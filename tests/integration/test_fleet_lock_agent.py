@@ -7,6 +7,7 @@ old slot passes its checks, and an operator can release a node that never came b
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,11 @@ def test_one_slot_two_nodes_the_second_waits_for_the_first_commit(
     assert second.env()["ORDER"].startswith("A")
     assert not second.reboots.exists()
     assert second.ok("check")["waiting"]["reason"] == "lock"
+    # Still full at the next cycle: it asks, and does not read its written slot back.
+    again = second.run("install")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["waiting"]["reason"] == "lock"
+    assert "already holds verified" not in again.stderr
 
     # The first comes back up in B and commits: the slot is given back...
     first.grub_boots("B")
