@@ -541,7 +541,7 @@ class Agent(FleetNode):
             journal.lock_held is not None
             and journal.pending is None
             and self.boot.load().state(self.booted) is SlotState.GOOD
-            and self.fleet.release_lock()
+            and self.fleet.release_lock(journal.lock_held)
         ):
             journal = journal.with_lock(None)
             self._save(journal)

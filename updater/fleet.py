@@ -32,6 +32,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,18 +207,27 @@ class Fleet:
         """The window, then quorum, then the lock (taken when `take`): None means go."""
         return self.window() or self.quorum() or (self.take_lock() if take else self.peek_lock())
 
-    def release_lock(self) -> bool:
-        """Give the slot back; True if done (or nothing was held), False if the backend
-        could not be reached (the journal keeps `lock_held` and the daemon retries)."""
+    def release_lock(self, group: str | None = None) -> bool:
+        """Give the slot of `group` back (the journal's record: the group the node took
+        it in, even if the config names another one since); True if done (or nothing was
+        held), False if the backend could not be reached (the journal keeps `lock_held`
+        and the daemon retries)."""
         if not self.coordinated:
             return True
-        from updater.coordination import CoordinationUnavailable
+        from updater.coordination import CoordinationUnavailable, make_lock
 
+        group = group or self.group
+        lock = self.lock
+        if group != self.group:
+            settings = dataclasses.replace(self.config.coordination, group=group)
+            other = make_lock(settings, self.node_id)
+            assert other is not None  # coordinated
+            lock = other
         try:
-            released = self.lock.release(self.node_id)
+            released = lock.release(self.node_id)
         except CoordinationUnavailable as e:
-            log.warning("reboot lock of group %s not released yet: %s", self.group, e)
+            log.warning("reboot lock of group %s not released yet: %s", group, e)
             return False
         if released:
-            log.info("released the reboot lock of group %s", self.group)
+            log.info("released the reboot lock of group %s", group)
         return True

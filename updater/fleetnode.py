@@ -61,7 +61,7 @@ class FleetNode(Node):
                     journal.lock_held,
                 )
                 return
-        if self.fleet.release_lock():
+        if self.fleet.release_lock(journal.lock_held):
             self._save(journal.with_lock(None))
 
     def reboot_lock(self) -> dict[str, Any]:

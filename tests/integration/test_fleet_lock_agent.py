@@ -198,3 +198,18 @@ def test_an_etcd_member_reboots_only_if_the_cluster_keeps_quorum(
     result = node.ok("install")
     assert result["activated"] is True
     assert holders(node) == ["n1"]
+
+
+def test_the_slot_is_given_back_in_the_group_it_was_taken_in(
+    node: Node, cluster: EtcdCluster
+) -> None:
+    coordinate(node, cluster, "n1")
+    node.ok("install")
+    assert holders(node) == ["n1"]
+    # The operator moves the node to another group while it reboots.
+    node.extra = node.extra.replace('group = "workers"', 'group = "gpu"')
+    node.grub_boots("B")
+    assert node.ok("health-check", booted="B")["action"] == "committed"
+    node.extra = node.extra.replace('group = "gpu"', 'group = "workers"')
+    assert holders(node) == []  # workers: given back where it was held
+    assert node.ok("status", booted="B")["lock_held"] is None
