@@ -350,11 +350,25 @@ class Agent(FleetNode):
             failpoint("recorded")
         if not activate:
             return InstallResult(chosen.version, inactive, images=images, reused=reused)
-        # The window, quorum, then the reboot lock: taken last, recorded before the
-        # switch, so a crash from here on still knows it holds a slot of the group.
-        hold = self.fleet.may_reboot()
+        # The window, quorum, then the reboot lock, taken last. Write-ahead: the journal
+        # says the node holds a slot before it asks for one, so no crash leaves a slot
+        # held in etcd that the node does not know of (giving back a slot it never got
+        # is harmless); a refusal clears the record again.
+        hold = self.fleet.may_reboot(take=False)
+        if hold is None and self.fleet.coordinated:
+            self._save(journal.with_lock(self.fleet.group))
+            failpoint("lock-intent")
+            hold = self.fleet.take_lock()
         if hold is not None:
-            self._hold(journal, hold)
+            if self.fleet.coordinated:
+                # Refused: the record before the intent - unless etcd did not answer,
+                # when the request may have been applied (kept; giving back is harmless).
+                held = self.fleet.group if hold.unanswered else journal.lock_held
+                journal = journal.with_lock(held).with_waiting(hold.line())
+                log.info("waiting: %s", hold.line())
+                self._save(journal)
+            else:
+                self._hold(journal, hold)
             return InstallResult(
                 chosen.version, inactive, images=images, reused=reused, waiting=hold
             )

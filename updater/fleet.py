@@ -63,6 +63,7 @@ class Hold:
     reason: str
     detail: str
     until: datetime | None = None
+    unanswered: bool = False  # the backend did not answer: the outcome is not known
 
     def line(self) -> str:
         return f"{self.reason}: {self.detail}"
@@ -180,7 +181,7 @@ class Fleet:
                 return None
             holders = self.lock.holders()
         except CoordinationUnavailable as e:
-            return Hold("lock", f"no reboot without the lock: {e}")
+            return Hold("lock", f"no reboot without the lock: {e}", unanswered=True)
         limit = self.config.coordination.max_concurrent
         shown = ", ".join(holders[:5]) + (", ..." if len(holders) > 5 else "")
         return Hold(

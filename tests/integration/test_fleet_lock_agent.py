@@ -213,3 +213,18 @@ def test_the_slot_is_given_back_in_the_group_it_was_taken_in(
     node.extra = node.extra.replace('group = "gpu"', 'group = "workers"')
     assert holders(node) == []  # workers: given back where it was held
     assert node.ok("status", booted="B")["lock_held"] is None
+
+
+def test_killed_between_the_record_and_the_request_gives_back_nothing_harmful(
+    node: Node, cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    coordinate(node, cluster, "n1")
+    killed = node.run("install", env={"UPDATER_FAILPOINT": "lock-intent"})
+    assert killed.returncode == 137
+    assert node.ok("status")["lock_held"] == "workers"  # written ahead of the request
+    assert holders(node) == []
+    other = coordinate(sibling(node, tmp_path / "n2"), cluster, "n2")
+    assert other.ok("install")["activated"] is True  # n1 took nothing
+    assert node.ok("health-check")["action"] == "nothing"
+    assert node.ok("status")["lock_held"] is None
+    assert holders(node) == ["n2"]  # n1's "release" did not touch n2's slot
