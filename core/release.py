@@ -7,8 +7,12 @@ target (DESIGN.md, "Trust"):
 
     {"release": {"version": "1.2.0", "hardware": ["x86_64-generic"], "channel": "stable",
                  "role": "root", "compression": "zstd", "raw_length": 123,
-                 "raw_sha256": "<64 hex>"},
+                 "raw_sha256": "<64 hex>", "index": "x86_64-generic/1.2.0/root.index"},
      "rollout": {"state": "active", "waves": [...]}}
+
+`index` is optional: the target path of the image's chunk index (`core.chunkindex`), a
+TUF target of its own (`index_path`), which lets a node fetch only the frames it does
+not hold (docs/delta.md); without it a node downloads the whole image.
 
 `rollout` is optional: the signed plan of a phased rollout (`core.rolloutplan`), the
 same in every target of a release; without it every node may install at once.
@@ -25,8 +29,9 @@ it), the agent and the mirror (which read it) and the test simulator:
   `--waves` grammar of the signing tools (`parse_waves`), declared in `core.rolloutplan`
   and re-exported here; `FieldError` (`core.fielderror`), the error of every field;
 * the rule for signed target paths (`check_target_path`) and the path builders: a release
-  image's target path (`target_path`) and where a consistent-snapshot repository
-  serves a target (`served_path`);
+  image's target path (`target_path`), its chunk index's (`index_path`, recognised by
+  `is_index_path`: an index is not an image, `releases` passes over it) and where a
+  consistent-snapshot repository serves a target (`served_path`);
 * `releases`, the grouping of verified targets into releases that the agent's selection
   policy (`updater.select`) and the mirror's plan start from.
 
@@ -198,6 +203,20 @@ def target_path(hardware: str, version: str, role: str, compression: str) -> str
     return f"{hardware}/{version}/{role}.img{SUFFIXES[compression]}"
 
 
+INDEX_SUFFIX = ".index"
+
+
+def index_path(hardware: str, version: str, role: str) -> str:
+    """The target path of a release image's chunk index: `<hardware>/<version>/<role>.index`
+    (an image's path ends in `.img[<suffix>]`, so the two never collide)."""
+    return f"{hardware}/{version}/{role}{INDEX_SUFFIX}"
+
+
+def is_index_path(path: str) -> bool:
+    """Whether a target path names a chunk index rather than an image."""
+    return path.endswith(INDEX_SUFFIX)
+
+
 def served_path(path: str, digest: str) -> str:
     """Where a consistent-snapshot repository serves target `path` whose hash is
     `digest`: `<dir>/<digest>.<basename>` (TUF specification, "consistent snapshots")."""
@@ -220,9 +239,11 @@ def build_custom(
     raw_length: int,
     raw_sha256: str,
     rollout: Mapping[str, Any] | None = None,
+    index: str | None = None,
 ) -> dict[str, Any]:
     """The `custom` field of a target, unchecked (`ReleaseFields.from_custom` checks);
-    `rollout` is a plan's `to_custom()` (None: no plan, no `rollout` key)."""
+    `rollout` is a plan's `to_custom()` (None: no plan, no `rollout` key); `index` the
+    target path of the image's chunk index (None: no `index` key)."""
     custom: dict[str, Any] = {
         "release": {
             "version": version,
@@ -234,6 +255,8 @@ def build_custom(
             "raw_sha256": raw_sha256,
         }
     }
+    if index is not None:
+        custom["release"]["index"] = index
     if rollout is not None:
         custom["rollout"] = dict(rollout)
     return custom
@@ -251,6 +274,7 @@ class ReleaseFields:
     raw_length: int
     raw_sha256: str
     rollout: RolloutPlan | None = None  # `custom.rollout`; None: install at once
+    index: str | None = None  # target path of the chunk index; None: no delta possible
 
     @classmethod
     def from_target(cls, path: str, target: TargetFile) -> ReleaseFields:
@@ -284,11 +308,25 @@ class ReleaseFields:
         raw_sha256 = rel.get("raw_sha256")
         if not isinstance(raw_sha256, str) or not _SHA256_RE.fullmatch(raw_sha256):
             raise _refuse(FieldError, "raw_sha256", raw_sha256, "is not 64 lowercase hex digits")
+        index = rel.get("index")
+        if "index" in rel:
+            index = check_target_path(index)
+            if not is_index_path(index):
+                rule = f"is not a chunk index path (ending in {INDEX_SUFFIX})"
+                raise _refuse(FieldError, "index", index, rule)
         plan = None
         if isinstance(custom, dict) and "rollout" in custom:  # always a dict here
             plan = RolloutPlan.from_custom(custom["rollout"])
         return cls(
-            version, tuple(hardware), channel, role, compression, raw_length, raw_sha256, plan
+            version,
+            tuple(hardware),
+            channel,
+            role,
+            compression,
+            raw_length,
+            raw_sha256,
+            plan,
+            index,
         )
 
     def to_custom(self) -> dict[str, Any]:
@@ -302,6 +340,7 @@ class ReleaseFields:
             raw_length=self.raw_length,
             raw_sha256=self.raw_sha256,
             rollout=None if self.rollout is None else self.rollout.to_custom(),
+            index=self.index,
         )
 
     def target_path(self, hardware: str) -> str:
@@ -319,6 +358,7 @@ class Image:
     compression: str
     raw_length: int
     raw_sha256: str
+    index: str | None = None  # target path of its chunk index (`core.chunkindex`)
 
 
 @dataclass(frozen=True)
@@ -339,7 +379,8 @@ class Release:
 def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> list[Release]:
     """Releases for `hardware` on `channel`, oldest first.
 
-    Targets with malformed custom release data are skipped; a version with two images
+    Chunk indexes (`is_index_path`) are no images and are passed over quietly; targets
+    with malformed custom release data are skipped; a version with two images
     for the same role, or whose images carry different rollout plans, is skipped whole
     (ambiguous: the node cannot tell which image, or which plan, was meant). Both are
     logged, never raised.
@@ -348,6 +389,8 @@ def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> 
     plans: dict[Version, RolloutPlan | None] = {}
     ambiguous: set[Version] = set()
     for path in sorted(targets):
+        if is_index_path(path):
+            continue
         try:
             fields = ReleaseFields.from_target(path, targets[path])
         except ValueError as err:
@@ -364,6 +407,7 @@ def releases(targets: Mapping[str, TargetFile], hardware: str, channel: str) -> 
             fields.compression,
             fields.raw_length,
             fields.raw_sha256,
+            fields.index,
         )
         images = by_version.setdefault(fields.version, {})
         if image.role in images:

@@ -156,7 +156,8 @@ def export(
     except OSError as e:
         raise MirrorError(f"cannot create {dest}: {e.strerror}") from e
     copied = 0
-    for url_path in sorted({i["file"] for r in rows for i in r["images"].values()}):
+    files = {i[k] for r in rows for i in r["images"].values() for k in ("file", "index") if k in i}
+    for url_path in sorted(files):
         src = below(state / "targets", url_path, "image")
         copied += _copy_verified(src, below(dest / "targets", url_path, "image"))
     meta = sorted((state / "metadata").iterdir(), key=lambda p: p.name == "timestamp.json")

@@ -139,11 +139,14 @@ def _release_row(value: object, field: str, targets: Mapping[str, str]) -> dict[
         raise ValueError(f"{field}.images: expected a non-empty object, got {_kind(images)}")
     for role, image in images.items():
         where = f"{field}.images.{_checked(check_role, role, f'{field}.images')}"
-        _object(image, ("file", "target"), where)
+        # An image with a chunk index (docs/delta.md) names its file too.
+        keys = ("file", "target", "index") if isinstance(image, dict) and "index" in image else ()
+        _object(image, keys or ("file", "target"), where)
         _checked(check_target_path, image["target"], f"{where}.target")
-        file = _checked(check_target_path, image["file"], f"{where}.file")
-        if file not in targets:
-            raise ValueError(f"{where}.file: {file!r} is not one of the state's targets")
+        for name in ("file", "index") if keys else ("file",):
+            file = _checked(check_target_path, image[name], f"{where}.{name}")
+            if file not in targets:
+                raise ValueError(f"{where}.{name}: {file!r} is not one of the state's targets")
     return row
 
 

@@ -65,6 +65,7 @@ class Wanted:
     channel: str
     role: str
     version: str
+    index: bool = False  # the chunk index of the image of `role`, not the image
 
     def url_path(self) -> str:
         """Where the image is below targets/ in a consistent-snapshot repository."""
@@ -112,7 +113,8 @@ def plan_targets(
     channel: str | None = None,
     keep: int | None = None,
 ) -> list[Wanted]:
-    """The images to mirror. Pure.
+    """The images to mirror, each followed by its chunk index if it names one that the
+    verified targets list (a node fetches only the frames it lacks with it). Pure.
 
     Every release for the chosen hardware (all when empty) and channel (all when None).
     With `keep`, only the `keep` newest versions per (hardware, role) - and always the
@@ -130,14 +132,20 @@ def plan_targets(
         rels = release.releases(targets, hw, ch)
         for rel in rels:
             for role, image in rel.images.items():
-                wanted = Wanted(image.path, image.target, hw, ch, role, rel.version)
-                by_key.setdefault((hw, role), []).append(wanted)
+                wanted = [Wanted(image.path, image.target, hw, ch, role, rel.version)]
+                if image.index is not None and image.index in targets:
+                    index = targets[image.index]
+                    wanted.append(Wanted(image.index, index, hw, ch, role, rel.version, True))
+                by_key.setdefault((hw, role), []).extend(wanted)
                 if rel is rels[-1]:
-                    newest.append(wanted)
+                    newest.extend(wanted)
     for items in by_key.values():
-        items.sort(key=lambda w: release.parse_version(w.version))
-        for w in items if keep is None else items[-keep:]:
-            chosen[w.path + "\0" + w.hardware] = w
+        # An image and its index are one version: `keep` counts versions.
+        versions = sorted({w.version for w in items}, key=release.parse_version)
+        kept = set(versions if keep is None else versions[-keep:])
+        for w in items:
+            if w.version in kept:
+                chosen[w.path + "\0" + w.hardware] = w
     for w in newest:
         chosen[w.path + "\0" + w.hardware] = w
     return sorted(chosen.values(), key=lambda w: (w.hardware, w.role, w.path))
@@ -311,10 +319,17 @@ def sync(
 
 def _release_rows(plan: Iterable[Wanted]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    indexes = {(w.hardware, w.version, w.role): w.url_path() for w in plan if w.index}
     for w in plan:
+        if w.index:
+            continue  # named by its image's row (exported with it), not a row itself
         row = rows.setdefault(
             (w.hardware, w.channel, w.version),
             {"hardware": w.hardware, "channel": w.channel, "version": w.version, "images": {}},
         )
-        row["images"][w.role] = {"target": w.path, "file": w.url_path()}
+        image = {"target": w.path, "file": w.url_path()}
+        index = indexes.get((w.hardware, w.version, w.role))
+        if index is not None:
+            image["index"] = index
+        row["images"][w.role] = image
     return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], release.parse_version(k[2])))]

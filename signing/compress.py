@@ -1,5 +1,12 @@
 """Streaming compression of OS images into target files, hashing both sides on the way.
 
+zstd images are written in the zstd *seekable format* (pyzstd's `SeekableZstdFile`):
+one independent frame per `SEEKABLE_CHUNK` raw bytes, then a seek table in a skippable
+frame, so `zstd -d` and any zstd stream reader (the node's `core.decompress`) still
+decompress the file whole, and a node can fetch and decompress any frame on its own.
+Their chunk index (`core.chunkindex`) comes from the same pass (docs/delta.md says why
+the chunks are fixed 64 KiB blocks).
+
 The compressions and their file suffixes are the release schema's
 (`core.release.COMPRESSIONS`); reading a target back is the node's decoder
 (`core.decompress`), which `sign-release verify` uses too.
@@ -15,13 +22,18 @@ import hashlib
 import lzma
 import zlib
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
-import zstandard
+import pyzstd
 
+from core import chunkindex
 from signing.failpoints import failpoint
 
 CHUNK = 1024 * 1024
+# One zstd frame (and one chunk of the index) per 64 KiB of raw image: a multiple of
+# ext4's 4 KiB blocks; measured against 128/256 KiB and FastCDC in docs/delta.md.
+SEEKABLE_CHUNK = 64 * 1024
+ZSTD_LEVEL = 6
 
 
 class _Compressor(Protocol):
@@ -37,24 +49,7 @@ class _Identity:
         return b""
 
 
-class _Zstd:
-    """zstandard's chunked compressor behind the same compress/flush shape as zlib's."""
-
-    def __init__(self, raw_size: int) -> None:
-        # The content size goes into the frame header, so a reader knows it up front.
-        cctx = zstandard.ZstdCompressor(level=6, threads=-1, write_content_size=True)
-        self._obj = cctx.compressobj(size=raw_size)
-
-    def compress(self, data: bytes, /) -> bytes:
-        return self._obj.compress(data)
-
-    def flush(self) -> bytes:
-        return self._obj.flush()
-
-
 def _compressor(kind: str, raw_size: int) -> _Compressor:
-    if kind == "zstd":
-        return _Zstd(raw_size)
     if kind == "xz":
         return lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64)
     if kind == "gzip":
@@ -73,10 +68,59 @@ class StoredImage:
     raw_sha256: str
     length: int
     sha256: str
+    index: bytes | None = None  # the chunk index (`core.chunkindex`) of a seekable image
+
+
+class _Counting:
+    """The write side of a target file that counts and hashes what passes through it
+    (where each frame starts is the count before it)."""
+
+    def __init__(self, dst: IO[bytes]) -> None:
+        self._dst = dst
+        self.length = 0
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes, /) -> int:
+        self._dst.write(data)
+        self.hash.update(data)
+        self.length += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._dst.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+def compress_seekable(src: IO[bytes], dst: IO[bytes]) -> StoredImage:
+    """Compress `src` into `dst` as seekable zstd, one frame per `SEEKABLE_CHUNK`; the
+    lengths and hashes of both sides and the chunk index."""
+    out = _Counting(dst)
+    raw_hash = hashlib.sha256()
+    chunks: list[tuple[int, int, int, bytes]] = []
+    options: dict[int, int] = {pyzstd.CParameter.compressionLevel: ZSTD_LEVEL}
+    # A write-only file object is all pyzstd writes to (its stubs say BinaryIO).
+    sink = cast(BinaryIO, out)
+    with pyzstd.SeekableZstdFile(sink, "wb", level_or_option=options) as zf:
+        while chunk := src.read(SEEKABLE_CHUNK):
+            raw_hash.update(chunk)
+            start = out.length
+            zf.write(chunk)
+            zf.flush(zf.FLUSH_FRAME)
+            chunks.append((len(chunk), start, out.length - start, hashlib.sha256(chunk).digest()))
+            if len(chunks) % 16 == 0:
+                failpoint("add-compressing")
+    raw_length = sum(c[0] for c in chunks)
+    index = chunkindex.build(raw_length, raw_hash.hexdigest(), chunks) if chunks else None
+    return StoredImage(raw_length, raw_hash.hexdigest(), out.length, out.hash.hexdigest(), index)
 
 
 def compress_stream(src: IO[bytes], dst: IO[bytes], kind: str, raw_size: int) -> StoredImage:
-    """Compress `src` into `dst` with `kind`, returning lengths and hashes of both sides."""
+    """Compress `src` into `dst` with `kind`, returning lengths and hashes of both sides
+    (and, for zstd, the chunk index of its seekable frames)."""
+    if kind == "zstd":
+        return compress_seekable(src, dst)
     comp = _compressor(kind, raw_size)
     raw_hash, out_hash = hashlib.sha256(), hashlib.sha256()
     raw_len = out_len = 0

@@ -20,12 +20,16 @@ A release image becomes one target per hardware name (`core.release.target_path`
 `[<hardware>]`, and `custom.rollout` its plan if it has one (`signing.rollout`, which
 also keeps published targets immutable but for that plan); the stored file is written
 once and hard-linked into each hardware directory, at the path a consistent-snapshot
-repository serves (`core.release.served_path`).
+repository serves (`core.release.served_path`). A zstd image is seekable and comes
+with its chunk index (`signing.compress`, `core.chunkindex`), listed as a target of its
+own (`core.release.index_path`) and named by the image's `custom.release.index`, so a
+node can fetch only the frames it does not hold (docs/delta.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from core.release import (
     ReleaseFields,
     RolloutPlan,
     build_custom,
+    index_path,
     served_path,
     target_path,
 )
@@ -136,6 +141,7 @@ class Release:
             raw_length=stored.raw_length,
             raw_sha256=stored.raw_sha256,
             rollout=None if rollout is None else rollout.to_custom(),
+            index=None if stored.index is None else self.index_path(hardware),
         )
         try:
             path = ReleaseFields.from_custom(custom).target_path(hardware)
@@ -149,6 +155,9 @@ class Release:
 
     def target_path(self, hardware: str) -> str:
         return target_path(hardware, self.version, self.role, self.compression)
+
+    def index_path(self, hardware: str) -> str:
+        return index_path(hardware, self.version, self.role)
 
 
 @dataclass
@@ -249,17 +258,45 @@ def _store_image(
             dst.flush()
             os.fsync(dst.fileno())
             failpoint("add-compressed")
-            for tf in files:
-                final = store.targets_dir / served_path(tf.path, stored.sha256)
-                makedirs_durable(final.parent)
-                if not final.exists():
-                    os.link(tmp, final)
-                    created.append(final)
-                    fsync_dir(final.parent)
+            _link_each(store, tmp, [(tf.path, stored.sha256) for tf in files], created)
+            if stored.index is not None:
+                files += _store_index(store, release, stored.index, created)
             failpoint("add-linked")
             return files
     except OSError as e:
         raise RepositoryIOError(f"adding {release.image}: {e.strerror or e}") from e
+
+
+def _link_each(
+    store: Store, tmp: Path, paths: Sequence[tuple[str, str]], created: list[Path]
+) -> None:
+    """Hard-link the written file `tmp` at each (target path, sha256)'s served path."""
+    for tpath, digest in paths:
+        final = store.targets_dir / served_path(tpath, digest)
+        makedirs_durable(final.parent)
+        if not final.exists():
+            os.link(tmp, final)
+            created.append(final)
+            fsync_dir(final.parent)
+
+
+def _store_index(
+    store: Store, release: Release, index: bytes, created: list[Path]
+) -> list[TargetFile]:
+    """Write the chunk index once, link it per hardware; its targets (no custom: an
+    index is no image, `core.release.is_index_path`)."""
+    digest = hashlib.sha256(index).hexdigest()
+    files = [
+        TargetFile(len(index), {"sha256": digest}, release.index_path(hw))
+        for hw in release.hardware
+    ]
+    with temp_file(store.targets_dir) as (dst, tmp):
+        dst.write(index)
+        os.fchmod(dst.fileno(), 0o644)
+        dst.flush()
+        os.fsync(dst.fileno())
+        _link_each(store, tmp, [(tf.path, digest) for tf in files], created)
+    return files
 
 
 def sign_role(

@@ -7,7 +7,9 @@ signed metadata. Each target's `custom.release` is parsed with the node's parser
 (`core.release.ReleaseFields.from_target`: a target a node would skip does not
 verify), and its content is decompressed with the node's decoder (`core.decompress`:
 streaming, every frame or member, bounded output) and compared with `raw_length` /
-`raw_sha256`, as the agent does while writing a partition.
+`raw_sha256`, as the agent does while writing a partition. A chunk index target is
+parsed with the node's parser (`core.chunkindex`) and must describe the image that
+names it (raw length and sha256, frames inside the image file).
 
 Invariants: nothing is trusted that ngclient did not verify; at most `raw_length + 1`
 raw bytes of a target are ever decompressed, one bounded block at a time (a
@@ -30,9 +32,10 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from core import chunkindex
 from core.decompress import ChunkSource, raw_blocks
 from core.errors import UpdateRejected
-from core.release import ReleaseFields
+from core.release import ReleaseFields, is_index_path
 from signing.compress import CHUNK
 from signing.errors import SigningError, VerificationError
 
@@ -69,7 +72,41 @@ class VerifyReport:
     bytes_verified: int
 
 
-def _check_target(local: Path, target: TargetFile, path: str) -> None:
+def _check_index(local: Path, path: str) -> chunkindex.ChunkIndex:
+    """A chunk index target, parsed as a node parses it."""
+    try:
+        data = local.read_bytes()
+    except OSError as e:
+        raise VerificationError(f"target {path}: cannot read the downloaded copy: {e}") from e
+    try:
+        return chunkindex.parse(data, path)
+    except UpdateRejected as e:
+        raise VerificationError(str(e)) from e
+
+
+def _check_indexes(
+    images: dict[str, tuple[ReleaseFields, int]], indexes: dict[str, chunkindex.ChunkIndex]
+) -> None:
+    """Each image's index exists and describes it."""
+    for path, (fields, length) in images.items():
+        if fields.index is None:
+            continue
+        index = indexes.get(fields.index)
+        if index is None:
+            raise VerificationError(f"target {path}: its index {fields.index} is not a target")
+        if (index.raw_length, index.raw_sha256) != (fields.raw_length, fields.raw_sha256):
+            raise VerificationError(
+                f"target {path}: its index {fields.index} describes {index.raw_length} raw "
+                f"bytes with sha256 {index.raw_sha256}, not the image"
+            )
+        if index.compressed_end > length:
+            raise VerificationError(
+                f"target {path}: its index {fields.index} has frames up to byte "
+                f"{index.compressed_end}, past the image's {length} bytes"
+            )
+
+
+def _check_target(local: Path, target: TargetFile, path: str) -> ReleaseFields:
     """Refuse a target a node would skip or whose raw content is not what it says."""
     try:
         fields = ReleaseFields.from_target(path, target)
@@ -91,6 +128,7 @@ def _check_target(local: Path, target: TargetFile, path: str) -> None:
             f"{what}: decompressed content has sha256 {digest.hexdigest()}, "
             f"its raw_sha256 is {fields.raw_sha256}"
         )
+    return fields
 
 
 def verify_repository(repo: Path, root_json: Path) -> VerifyReport:
@@ -125,14 +163,20 @@ def verify_repository(repo: Path, root_json: Path) -> VerifyReport:
             targets_md: Metadata[Targets] = Metadata.from_file(str(meta_dir / "targets.json"))
             paths = sorted(targets_md.signed.targets)
             total = 0
+            images: dict[str, tuple[ReleaseFields, int]] = {}
+            indexes: dict[str, chunkindex.ChunkIndex] = {}
             for tpath in paths:
                 info = updater.get_targetinfo(tpath)
                 if info is None:
                     raise VerificationError(f"target {tpath}: not found by the client")
                 local = Path(updater.download_target(info, str(target_dir / "t")))
-                _check_target(local, info, tpath)
+                if is_index_path(tpath):
+                    indexes[tpath] = _check_index(local, tpath)
+                else:
+                    images[tpath] = (_check_target(local, info, tpath), info.length)
                 total += info.length
                 local.unlink()
+            _check_indexes(images, indexes)
         except tuf_exc.RepositoryError as e:
             raise VerificationError(f"{repo}: {type(e).__name__}: {e}") from e
         except tuf_exc.DownloadError as e:

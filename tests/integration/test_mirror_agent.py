@@ -254,12 +254,12 @@ def test_publish_between_timestamp_and_snapshot_is_consistent(node: Node, tmp_pa
             fetcher.fired and json.loads((mdir / "manifests" / "2.json").read_text())["number"] == 2
         )
         targets = repo.targets()  # the old state's snapshot and targets, still served
-        (path,) = targets
+        (path,) = (p for p in targets if not p.endswith(".index"))
         assert len(b"".join(repo.stream_target(targets[path]))) == targets[path].length
         fresh = Repository(
             f"{url}/metadata", f"{url}/targets", ROOT_JSON, tmp_path / "r2", allow_example_keys=True
         )
-        assert len(fresh.targets()) == 2
+        assert len(fresh.targets()) == 4  # two images, each with its chunk index
 
 
 def test_publish_that_prunes_between_metadata_and_image_is_consistent(
@@ -275,7 +275,7 @@ def test_publish_that_prunes_between_metadata_and_image_is_consistent(
             tmp_path / "reader",
             allow_example_keys=True,
         )
-        (target,) = repo.targets().values()
+        (target,) = (t for p, t in repo.targets().items() if not p.endswith(".index"))
         new_release(node, "3.0.0")
         assert sync(node, mdir, keep=1).releases[0]["version"] == "3.0.0"
         # 2.0.0 is no longer mirrored, but a reader that chose it still gets it whole.
@@ -319,7 +319,10 @@ def test_two_agents_install_while_a_sync_publishes(node: Node, tmp_path: Path) -
         ]
         published = sync(node, mdir)
         outs = [p.communicate(timeout=120) for p in procs]
-    assert published.downloaded == ["x86_64-efi/3.0.0/root.img.zst"]
+    assert published.downloaded == [
+        "x86_64-efi/3.0.0/root.img.zst",
+        "x86_64-efi/3.0.0/root.index",
+    ]
     for n, p, (out, err) in zip(nodes, procs, outs, strict=True):
         assert p.returncode == 0, err
         result = json.loads(out.strip().splitlines()[-1])

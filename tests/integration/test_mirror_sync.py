@@ -91,7 +91,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_sync_publishes_verified_metadata_and_images(upstream: Upstream, tmp_path: Path) -> None:
     mdir = tmp_path / "mirror"
     result = do_sync(upstream, mdir)
-    assert result.state == 1 and len(result.downloaded) == 1 and not result.reused
+    # The image and its chunk index (docs/delta.md).
+    assert result.state == 1 and len(result.downloaded) == 2 and not result.reused
     state = mdir / "current"
     up_meta = upstream.repo / "metadata"
     for name in ("1.root.json", "1.snapshot.json", "1.targets.json", "timestamp.json"):
@@ -110,11 +111,11 @@ def test_sync_publishes_verified_metadata_and_images(upstream: Upstream, tmp_pat
 def test_second_sync_downloads_only_the_new_image(upstream: Upstream, tmp_path: Path) -> None:
     mdir = tmp_path / "mirror"
     first = do_sync(upstream, mdir)
-    (old,) = first.downloaded
+    old, old_index = first.downloaded  # the image and its chunk index
     old_url = upstream.url_path(old)
     new_paths = upstream.release("1.1.0")
     second = do_sync(upstream, mdir)
-    assert second.downloaded == new_paths and second.reused == [old]
+    assert second.downloaded == new_paths and second.reused == [old, old_index]
     assert len(upstream.server.requests_for(old_url)) == 1
     assert len(upstream.server.requests_for(upstream.url_path(new_paths[0]))) == 1
     assert [r["version"] for r in second.releases] == ["1.0.0", "1.1.0"]
@@ -246,9 +247,11 @@ def test_keep_prunes_old_releases_after_one_sync_of_grace(
     assert len(list((mdir / "current" / "targets").rglob("*.zst"))) == 3
     do_sync(upstream, mdir, keep=1)
     last = do_sync(upstream, mdir, keep=1)
-    assert len(last.removed_objects) == 1  # 1.0.0, unreferenced by states 4 and 5
+    # 1.0.0 and its chunk index, unreferenced by states 4 and 5
+    assert len(last.removed_objects) == 2
     assert len(list((mdir / "current" / "targets").rglob("*.zst"))) == 2
-    assert len(list((mdir / "objects").glob("[0-9a-f]*"))) == 2
+    assert len(list((mdir / "current" / "targets").rglob("*.index"))) == 2
+    assert len(list((mdir / "objects").glob("[0-9a-f]*"))) == 4
     assert sorted(p.name for p in (mdir / "states").iterdir()) == ["4", "5"]
     mirror.verify(mdir, ROOT_JSON, allow_example_keys=True)
 
@@ -338,7 +341,7 @@ def test_sync_from_a_usb_disk_carried_in(upstream: Upstream, tmp_path: Path) -> 
     result = mirror.sync(
         f"file://{usb}/metadata", f"file://{usb}/targets", inner, ROOT_JSON, allow_example_keys=True
     )
-    assert len(result.downloaded) == 1
+    assert len(result.downloaded) == 2  # the image and its chunk index, exported with it
     assert served(inner)["metadata/timestamp.json"] == served(outer)["metadata/timestamp.json"]
     # A tampered image on the disk is refused like a tampered download.
     (image,) = (usb / "targets").rglob("*.zst")

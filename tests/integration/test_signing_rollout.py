@@ -121,7 +121,9 @@ def node_view(repo: Path, client: Path) -> dict[str, Any]:
 
 def fixed(view: dict[str, Any]) -> dict[str, Any]:
     """Every target's length, hashes and custom.release: what must never change."""
-    return {p: (t.length, t.hashes, t.custom["release"]) for p, t in view["targets"].items()}
+    return {
+        p: (t.length, t.hashes, (t.custom or {}).get("release")) for p, t in view["targets"].items()
+    }  # a chunk index (no custom) is fixed too
 
 
 def test_plan_from_add_to_node_then_pause_resume_waves_withdraw(repo: Path, tmp_path: Path) -> None:

@@ -43,7 +43,9 @@ def run(
 def _raw(path: Path, compression: str) -> bytes:
     data = path.read_bytes()
     if compression == "zstd":
-        return zstandard.ZstdDecompressor().decompress(data)
+        # Seekable zstd: many frames (no content size in their headers) and a seek table.
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        return reader.read()
     if compression == "xz":
         return lzma.decompress(data)
     if compression == "gzip":
@@ -140,7 +142,8 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
     assert 29.9 < status["roles"]["targets"]["published"]["days_left"] <= 30
 
     verify = run("verify", repo, "--root", root_json)
-    assert verify.stdout.startswith("OK: root v1") and "5 targets" in verify.stdout
+    # 5 images and the chunk indexes of the seekable zstd one (one per hardware name).
+    assert verify.stdout.startswith("OK: root v1") and "7 targets" in verify.stdout
 
     # Target files are stored under their sha256 (consistent snapshots).
     with serve(repo) as url:
@@ -149,7 +152,8 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
         f"x86_64-efi/1.2.0/{roles[c]}.img{s}"
         for c, s in [("zstd", ".zst"), ("xz", ".xz"), ("gzip", ".gz"), ("none", "")]
     }
-    assert set(files) == expected | {"aarch64-efi/1.2.0/root.img.zst"}
+    indexes = {f"{hw}/1.2.0/root.index" for hw in ("x86_64-efi", "aarch64-efi")}
+    assert set(files) == expected | {"aarch64-efi/1.2.0/root.img.zst"} | indexes
     targets = json.loads((repo / "metadata" / "1.targets.json").read_text())["signed"]
     for compression, image in images.items():
         path = (
@@ -159,7 +163,8 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
         raw = _raw(files[path], compression)
         assert raw == image.read_bytes()
         release = targets["targets"][path]["custom"]["release"]
-        assert release == {
+        index = {"index": "x86_64-efi/1.2.0/root.index"} if compression == "zstd" else {}
+        assert release == index | {
             "version": "1.2.0",
             "hardware": ["x86_64-efi"],
             "channel": "stable",
@@ -190,7 +195,7 @@ def test_whole_workflow_to_ngclient_over_http(tmp_path: Path) -> None:
     with serve(repo) as url:
         files = ngclient_fetch_all(url, tmp_path / "client")
     assert _raw(files["x86_64-efi/1.3.0-rc.1/root.img.zst"], "zstd") == image2.read_bytes()
-    assert len(files) == 6
+    assert len(files) == 9  # 6 images, 3 chunk indexes (one per zstd image)
 
 
 def test_verify_detects_a_tampered_target(tmp_path: Path) -> None:

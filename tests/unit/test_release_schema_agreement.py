@@ -47,7 +47,7 @@ class Fields:
 
 
 def node_custom(f: Fields, hw: str) -> dict[str, Any]:
-    return {
+    custom: dict[str, Any] = {
         "release": {
             "version": f.version,
             "hardware": [hw],
@@ -58,6 +58,9 @@ def node_custom(f: Fields, hw: str) -> dict[str, Any]:
             "raw_sha256": hashlib.sha256(f.raw).hexdigest(),
         }
     }
+    if f.compression == "zstd":  # seekable, with its chunk index (docs/delta.md)
+        custom["release"]["index"] = f"{hw}/{f.version}/{f.role}.index"
+    return custom
 
 
 def node_accepts(f: Fields) -> bool:
@@ -162,7 +165,12 @@ def staged_targets(repo: Path) -> dict[str, TargetFile]:
 def check_staged_as_node_sees_it(repo: Path, f: Fields) -> None:
     """Every staged target is found by the node's grouping with the fields given."""
     targets = staged_targets(repo)
-    assert len(targets) == len(f.hardware)
+    indexes = {p for p in targets if release.is_index_path(p)}
+    assert len(targets) - len(indexes) == len(f.hardware)
+    if f.compression == "zstd":
+        assert indexes == {f"{hw}/{f.version}/{f.role}.index" for hw in f.hardware}
+    else:
+        assert not indexes
     for hw in f.hardware:
         (found,) = release.releases(targets, hw, f.channel)
         assert found.version == f.version
