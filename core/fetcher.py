@@ -3,7 +3,9 @@ that stop a repository from holding a node hostage by sending them slowly.
 
 * `RequestsFetcher` - ngclient's fetcher over ONE `requests.Session`, so proxies, TLS
   and timeouts are configured once for metadata and images alike; it also reads
-  `file://` URLs (a mounted USB mirror), and starts at a byte offset (HTTP Range).
+  `file://` URLs (a mounted USB mirror), and starts at a byte offset (HTTP Range), or
+  fetches one byte range (`end`: the frames of a delta install, docs/delta.md; a
+  server that answers such a request with the whole file raises `RangeIgnored`).
 * `within_deadline` / `at_min_rate` - TUF's slow-retrieval defence, around any
   fetcher's byte stream: a metadata file must arrive whole within a total deadline; an
   image must keep a minimum average rate over a sliding window (`DownloadLimits`).
@@ -111,12 +113,20 @@ def at_min_rate(
         _close(chunks)
 
 
+class RangeIgnored(tuf_exc.DownloadError):
+    """A request for a byte range was answered with the whole file (200, not 206)."""
+
+
 @runtime_checkable
 class ResumableFetcher(Protocol):
     """A fetcher that can start a download at a byte offset (HTTP Range or seek)."""
 
-    def fetch_from(self, url: str, offset: int, chunk_size: int | None = None) -> Iterator[bytes]:
-        """Bytes of `url` from `offset` on; raises tuf DownloadError subclasses."""
+    def fetch_from(
+        self, url: str, offset: int, chunk_size: int | None = None, end: int | None = None
+    ) -> Iterator[bytes]:
+        """Bytes of `url` from `offset` on (to `end`, exclusive, if given: `RangeIgnored`
+        when the server sends the whole file instead); raises tuf DownloadError
+        subclasses."""
         ...
 
 
@@ -150,21 +160,28 @@ class RequestsFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self.fetch_from(url, 0)
 
-    def fetch_from(self, url: str, offset: int, chunk_size: int | None = None) -> Iterator[bytes]:
+    def fetch_from(
+        self, url: str, offset: int, chunk_size: int | None = None, end: int | None = None
+    ) -> Iterator[bytes]:
         """Open `url` at `offset` now (errors raised here), return the body iterator.
 
         A 206 must carry a Content-Range starting at `offset`. A server that ignores
         Range and answers 200 is handled by reading and discarding the first `offset`
-        bytes, so the caller still receives exactly the bytes from `offset` on.
+        bytes, so the caller still receives exactly the bytes from `offset` on - unless
+        `end` asked for one range (`bytes=offset-(end-1)`): then the 200 is closed
+        unread and `RangeIgnored` raised, so a delta never downloads the whole file
+        once per range. The caller bounds what it reads to `end`.
         """
         size = chunk_size or self.chunk_size
         split = parse.urlsplit(url)
         if split.scheme == "file":
-            return self._fetch_file(url, split, offset, size)
+            return self._fetch_file(url, split, offset, size, end)
         if split.scheme not in ("http", "https"):
             raise tuf_exc.DownloadError(f"unsupported URL scheme {split.scheme!r} in {url}")
         headers = {"Accept-Encoding": "identity"}
-        if offset:
+        if end is not None:
+            headers["Range"] = f"bytes={offset}-{end - 1}"
+        elif offset:
             headers["Range"] = f"bytes={offset}-"
         try:
             resp = self.session.get(url, stream=True, timeout=self.timeout, headers=headers)
@@ -174,7 +191,10 @@ class RequestsFetcher(FetcherInterface):
             raise tuf_exc.DownloadError(f"cannot fetch {url}: {e}") from e
         status = resp.status_code
         skip = 0
-        if offset and status == 206:
+        if end is not None and status == 200:
+            resp.close()
+            raise RangeIgnored(f"{url} answered a Range request with the whole file (HTTP 200)")
+        if (offset or end is not None) and status == 206:
             start = _content_range_start(resp.headers.get("Content-Range"))
             if start != offset:
                 resp.close()
@@ -215,7 +235,9 @@ class RequestsFetcher(FetcherInterface):
             yield data
 
     @staticmethod
-    def _fetch_file(url: str, split: parse.SplitResult, offset: int, size: int) -> Iterator[bytes]:
+    def _fetch_file(
+        url: str, split: parse.SplitResult, offset: int, size: int, end: int | None = None
+    ) -> Iterator[bytes]:
         if split.netloc not in ("", "localhost"):
             raise tuf_exc.DownloadError(f"file URL with a remote host: {url}")
         path = Path(parse.unquote(split.path))
@@ -231,7 +253,9 @@ class RequestsFetcher(FetcherInterface):
             with f:
                 try:
                     f.seek(offset)
-                    while chunk := f.read(size):
+                    left = -1 if end is None else end - offset
+                    while left and (chunk := f.read(size if left < 0 else min(size, left))):
+                        left -= len(chunk) if left > 0 else 0
                         yield chunk
                 except OSError as e:
                     raise tuf_exc.DownloadError(f"cannot read {url}: {e.strerror}") from e

@@ -12,6 +12,8 @@ adds what the agent needs around it:
 * `Repository.stream_target` - ngclient's `download_target` copies a whole target to a
   temporary file first, which is too much for GiB images. We stream instead, counting
   against the trusted `length` and hashing with every listed algorithm.
+  `Repository.stream_range` fetches one byte range of a target the same way (same
+  session, limits and resume), for the frames of a delta install (docs/delta.md).
 
 Invariants:
 
@@ -65,6 +67,7 @@ from core.errors import ConfigError, UpdateFailed, UpdateRejected
 from core.examplekeys import WHY, example_keys_among
 from core.fetcher import (
     DownloadLimits,
+    RangeIgnored,
     RequestsFetcher,
     ResumableFetcher,
     at_min_rate,
@@ -78,6 +81,7 @@ __all__ = [  # the fetcher's names are re-exported: callers import them from her
     "DownloadFailed",
     "DownloadLimits",
     "MetadataRejected",
+    "RangeUnsupported",
     "Repository",
     "RequestsFetcher",
     "ResumableFetcher",
@@ -121,6 +125,10 @@ class TargetRejected(UpdateRejected):
 
 class DownloadFailed(UpdateFailed):
     """Metadata or a target could not be fetched (network, HTTP error, retries used up)."""
+
+
+class RangeUnsupported(DownloadFailed):
+    """The server answers byte-range requests with the whole file: no delta from it."""
 
 
 class _RecordingFetcher(FetcherInterface):
@@ -364,15 +372,101 @@ class Repository:
             path = served_path(path, digest)
         return f"{self.targets_url.rstrip('/')}/{path}"
 
-    def _open_at(self, url: str, offset: int, chunk_size: int) -> Generator[bytes, None, None]:
+    def _open_at(
+        self, url: str, offset: int, chunk_size: int, end: int | None = None
+    ) -> Generator[bytes, None, None]:
         # A generator, so closing it (consumer stopped early) closes the response too.
         # Each attempt must keep the minimum rate, from before its request is sent.
         limits, started = self.limits, time.monotonic()
         if isinstance(self.fetcher, ResumableFetcher):
-            body = self.fetcher.fetch_from(url, offset, chunk_size)
+            body = self.fetcher.fetch_from(url, offset, chunk_size, end)
+        elif end is not None:
+            raise RangeIgnored(f"{url}: this fetcher cannot fetch byte ranges")
         else:
             body = skip_prefix(self.fetcher.fetch(url), offset, url)
         yield from at_min_rate(body, limits.min_rate, limits.rate_window, started)
+
+    def stream_range(
+        self,
+        target: TargetFile,
+        start: int,
+        end: int,
+        *,
+        chunk_size: int = 1 << 20,
+        retries: int = 5,
+        backoff: float = 0.5,
+    ) -> Generator[bytes, None, None]:
+        """Yield bytes [start, end) of `target` (an HTTP Range request, or a seek for
+        `file://`), resumed after a cut as `stream_target` is, under the same limits.
+
+        Unverified: the caller checks what it reads (a delta install hashes each frame
+        against the TUF-verified chunk index). `RangeUnsupported` if the server answers
+        with the whole file; `TargetRejected` if it sends more than the range, or a range
+        outside the trusted length is asked for."""
+        url = self.target_url(target)
+        if not 0 <= start < end <= target.length:
+            raise TargetRejected(
+                f"{url}: range {start}-{end} is not inside its trusted length {target.length}"
+            )
+        try:
+            yield from self._download(url, start, end, chunk_size, retries, backoff, True)
+        except RangeIgnored as e:
+            raise RangeUnsupported(f"{url} does not serve byte ranges: {e}") from e
+
+    def _download(
+        self,
+        url: str,
+        start: int,
+        end: int,
+        chunk_size: int,
+        retries: int,
+        backoff: float,
+        ranged: bool,
+    ) -> Iterator[bytes]:
+        """Bytes [start, end) of `url` as they arrive (`ranged`: asked for as one range;
+        otherwise from `start` to the end of the file, which must be `end` bytes long).
+
+        A dropped connection, read timeout, a rate below `limits.min_rate` or a 5xx
+        resumes at the byte reached with a Range request, at most `retries` times in
+        total with exponential backoff; then `DownloadFailed`. Other HTTP errors fail
+        at once. More bytes than `end` is `TargetRejected` (the offending chunk is not
+        yielded), and so is ending short."""
+        received = start
+        failures = 0
+        while True:
+            try:
+                stop = end if ranged else None
+                with contextlib.closing(self._open_at(url, received, chunk_size, stop)) as body:
+                    for chunk in body:
+                        if received + len(chunk) > end:
+                            what = (
+                                f"more than the range {start}-{end} it was asked for"
+                                if ranged
+                                else f"more than its trusted length of {end} bytes"
+                            )
+                            raise TargetRejected(f"{url} sent {what}; download aborted")
+                        received += len(chunk)
+                        yield chunk
+                break
+            except RangeIgnored:
+                raise
+            except tuf_exc.DownloadHTTPError as e:
+                if e.status_code < 500:
+                    raise DownloadFailed(f"HTTP {e.status_code} fetching {url}") from e
+                error: Exception = e
+            except tuf_exc.DownloadError as e:
+                error = e
+            failures += 1
+            if failures > retries:
+                raise DownloadFailed(
+                    f"giving up on {url} after {retries} retries at byte {received} "
+                    f"of {end}: {error}"
+                ) from error
+            logger.info("resuming %s at byte %d after: %s", url, received, error)
+            time.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
+        if received != end:
+            should = f"the range ends at {end}" if ranged else f"its trusted length is {end}"
+            raise TargetRejected(f"{url} ended after {received} bytes; {should}")
 
     def stream_target(
         self,
@@ -406,36 +500,12 @@ class Repository:
         if not hashers:
             raise TargetRejected(f"{url}: the trusted metadata lists no hash for it")
         received = 0
-        failures = 0
-        while True:
-            try:
-                with contextlib.closing(self._open_at(url, received, chunk_size)) as body:
-                    for chunk in body:
-                        if received + len(chunk) > target.length:
-                            raise TargetRejected(
-                                f"{url} sent more than its trusted length of "
-                                f"{target.length} bytes; download aborted"
-                            )
-                        received += len(chunk)
-                        for hasher in hashers.values():
-                            hasher.update(chunk)
-                        yield chunk
-                break
-            except tuf_exc.DownloadHTTPError as e:
-                if e.status_code < 500:
-                    raise DownloadFailed(f"HTTP {e.status_code} fetching {url}") from e
-                error: Exception = e
-            except tuf_exc.DownloadError as e:
-                error = e
-            failures += 1
-            if failures > retries:
-                raise DownloadFailed(
-                    f"giving up on {url} after {retries} retries at byte {received} "
-                    f"of {target.length}: {error}"
-                ) from error
-            logger.info("resuming %s at byte %d after: %s", url, received, error)
-            time.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
-        if received != target.length:
+        for chunk in self._download(url, 0, target.length, chunk_size, retries, backoff, False):
+            received += len(chunk)
+            for hasher in hashers.values():
+                hasher.update(chunk)
+            yield chunk
+        if received != target.length:  # `_download` checked it; defence in depth
             raise TargetRejected(
                 f"{url} ended after {received} bytes; its trusted length is {target.length}"
             )

@@ -47,7 +47,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +62,7 @@ from updater.fleetnode import FleetNode
 from updater.hooks import run_hook
 from updater.lock import LockBusy
 from updater.node import changes_node
-from updater.slots import FileTarget, other
+from updater.slots import FileTarget, PartitionTarget, other
 from updater.state import Journal
 
 if TYPE_CHECKING:
@@ -119,6 +119,7 @@ class InstallResult:
             "reused": self.reused,
             "images": self.images,
             "bytes_fetched": sum(int(i.get("fetched", 0)) for i in self.images.values()),
+            "bytes_reused": _reused_by_slot(self.images.values()),
             "waiting": None if self.waiting is None else self.waiting.to_json(),
         }
 
@@ -236,6 +237,7 @@ class Agent(FleetNode):
         reboot: bool = True,
         source: Path | None = None,
         progress: Progress | None = None,
+        full: bool = False,
     ) -> InstallResult:
         try:
             return self._install(
@@ -246,6 +248,7 @@ class Agent(FleetNode):
                 reboot=reboot,
                 source=source,
                 progress=progress,
+                full=full,
             )
         finally:
             self.write_metrics()
@@ -260,9 +263,10 @@ class Agent(FleetNode):
         reboot: bool = True,
         source: Path | None = None,
         progress: Progress | None = None,
+        full: bool = False,
     ) -> InstallResult:
         # decompression (zstandard): not for status/health
-        from updater import fileimage, install
+        from updater import delta, fileimage, install
 
         booted = self.booted
         inactive = other(booted)
@@ -310,10 +314,11 @@ class Agent(FleetNode):
             boot, journal = self._carry_out(step, between="invalidated")
             for write in found.writes:
                 role, image, target = write.role, write.image, write.target
-                stream = repo.stream_target(image.target, retries=self.config.repository.retries)
+                retries = self.config.repository.retries
+                reused_from: dict[str, int] = {}
                 if isinstance(target, FileTarget):
-                    result = fileimage.write_file_image(
-                        stream,
+                    written = fileimage.write_file_image(
+                        repo.stream_target(image.target, retries=retries),
                         target,
                         compression=image.compression,
                         raw_length=image.raw_length,
@@ -321,21 +326,36 @@ class Agent(FleetNode):
                         guard=file_guard,
                         progress=_for_role(progress, role),
                     )
+                    fetched, done, seconds = (
+                        image.target.length,
+                        written.bytes_written,
+                        written.seconds,
+                    )
                 else:
-                    result = install.write_image(
-                        stream,
+                    # By delta when the release and the slots have chunk indexes
+                    # (docs/delta.md), else the whole stream; read back either way.
+                    booted_target = self.slot_targets[booted].get(role)
+                    if not isinstance(booted_target, PartitionTarget):
+                        booted_target = None
+                    result = delta.install_partition(
+                        repo,
+                        image,
                         target,
-                        compression=image.compression,
-                        raw_length=image.raw_length,
-                        raw_sha256=image.raw_sha256,
                         guard=guard,
+                        index_dir=self.state_dir / "index",
+                        booted=booted_target,
+                        full=full,
+                        retries=retries,
                         progress=_for_role(progress, role),
                     )
+                    fetched, reused_from = result.fetched, result.reused
+                    done, seconds = result.bytes_written, result.seconds
                 images[role] = {
                     "partition": target.label,  # a PARTLABEL, or file:PATH
-                    "bytes": result.bytes_written,
-                    "fetched": image.target.length,
-                    "seconds": round(result.seconds, 3),
+                    "bytes": done,
+                    "fetched": fetched,
+                    "reused": reused_from,
+                    "seconds": round(seconds, 3),
                 }
                 failpoint(f"written:{role}")
             if any(isinstance(w.target, FileTarget) for w in found.writes):
@@ -567,6 +587,15 @@ class Agent(FleetNode):
         result = self._install(journal)
         if result.version is not None and not result.reused:
             log.info("installed %s into slot %s", result.version, result.slot)
+
+
+def _reused_by_slot(images: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Raw bytes a delta install reused, per slot they were read from (docs/delta.md)."""
+    total: dict[str, int] = {}
+    for image in images:
+        for slot, n in image.get("reused", {}).items():
+            total[slot] = total.get(slot, 0) + int(n)
+    return dict(sorted(total.items()))
 
 
 def _for_role(progress: Progress | None, role: str) -> Callable[[int, int], None] | None:

@@ -145,6 +145,9 @@ def check(ctx: click.Context, source: Path | None) -> None:
 @click.option("--force", is_flag=True, help="With --version: allow a downgrade or re-install.")
 @click.option("--no-activate", is_flag=True, help="Write and verify only; do not switch slots.")
 @click.option("--no-reboot", is_flag=True, help="Switch slots but do not reboot.")
+@click.option(
+    "--full", is_flag=True, help="Download whole images; reuse nothing the slots hold (no delta)."
+)
 @from_option
 @wait_option
 @click.pass_context
@@ -154,6 +157,7 @@ def install(
     force: bool,
     no_activate: bool,
     no_reboot: bool,
+    full: bool,
     source: Path | None,
     wait: bool,
 ) -> None:
@@ -167,6 +171,7 @@ def install(
         reboot=not (no_reboot or no_activate),
         source=source,
         progress=_progress(),
+        full=full,
     )
     if result.version is None and result.waiting is not None:
         text = f"not installing now: {result.waiting.line()}"
