@@ -1,10 +1,11 @@
 """Write one image into a partition of the inactive slot: stream -> decompress -> hash ->
-write -> fsync -> read back and verify.
+write -> read back behind the writing -> fsync.
 
 Invariants:
 - Nothing is opened for writing before `SlotGuard.check` has accepted the target, and
   the descriptor that was opened is checked again (fstat) to be the file or device that
   was checked, so the booted slot cannot be opened for writing through this module.
+  The read-back descriptors are checked (fstat) to be that same file or device.
 - At most `raw_length` bytes are written, all inside `[target.offset, target.offset +
   raw_length)`; an image larger than the partition is refused before anything is
   opened, and a stream producing more than `raw_length` raw bytes is aborted before the
@@ -15,11 +16,15 @@ Invariants:
   the checks before it concluded.
 - The input stream is untrusted until its iterator is exhausted without error (the
   repository verifies length and hashes at the end); success is only returned after the
-  iterator ended, the raw length and sha256 matched, the data was fsync'd, and the range
-  read back from the device (page cache dropped first) hashed to `raw_sha256`.
-- Memory is bounded by three blocks (`BLOCK_SIZE`, in flight between the decompressing
-  thread and the hashing/writing thread), one input chunk and the decoder's window,
-  whatever the image size.
+  iterator ended, the raw length and the sha256 of the bytes written matched
+  `raw_sha256`, the data was fsync'd, and every block had been read back from the
+  device (after its writeback, O_DIRECT or with its cached pages dropped) and found
+  equal to the block written (`updater.readback`). The raw image is hashed once, on
+  the way in; the read-back proves the device returned exactly those bytes.
+  `read_back_verify` (a slot checked again later) hashes what the device returns.
+- Memory is bounded by `RING_BLOCKS` blocks (`BLOCK_SIZE`: being decompressed, hashed
+  and written, waiting for their writeback and read-back), one read-back block, one
+  input chunk and the decoder's window, whatever the image size.
 """
 
 from __future__ import annotations
@@ -35,10 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.decompress import COMPRESSIONS, ChunkSource, open_raw_reader
-from core.errors import DeviceError, SlotGuardError, UpdateRejected
+from core.errors import SlotGuardError, UpdateRejected
+from updater.readback import OutOfPartition as OutOfPartition
+from updater.readback import ReadBackMismatch as ReadBackMismatch
+from updater.readback import ReadBehind, read_into_digest
+from updater.readback import WriteFailed as WriteFailed
+from updater.readback import inside as _inside
 from updater.slots import PartitionTarget, Target
 
 BLOCK_SIZE = 4 << 20  # one pwrite; large and aligned (partitions start on MiB boundaries)
+RING_BLOCKS = 6  # in flight: being decompressed, hashed and written, read back
 PROGRESS_INTERVAL = 0.5  # seconds between progress callbacks
 _SECTOR = 512  # sysfs reports partition starts in 512-byte sectors, whatever the device
 
@@ -47,18 +58,6 @@ Progress = Callable[[int, int], None]
 
 class ImageRejected(UpdateRejected):
     """The image stream is bad: too long, too short, wrong raw hash, too big for the slot."""
-
-
-class WriteFailed(DeviceError):
-    """Opening, writing, syncing or reading back the target partition failed."""
-
-
-class ReadBackMismatch(DeviceError):
-    """What the partition holds is not the image: the read-back hash differs."""
-
-
-class OutOfPartition(SlotGuardError):
-    """A write or read-back reached outside the partition it was given: refused."""
 
 
 @dataclass(frozen=True)
@@ -222,17 +221,6 @@ def _check_length(target: Target, raw_length: int) -> None:
         )
 
 
-def _inside(target: PartitionTarget, position: int, length: int, doing: str) -> int:
-    """The offset in `target.path` of `length` bytes at `position` in the partition;
-    `OutOfPartition` unless they lie inside `[target.offset, target.offset + size)`."""
-    if position < 0 or length < 0 or position + length > target.size:
-        raise OutOfPartition(
-            f"refusing to {doing} bytes {position}..{position + length} of "
-            f"{target.describe()}: outside its {target.size} bytes"
-        )
-    return target.offset + position
-
-
 def _pwrite_all(fd: int, target: PartitionTarget, data: memoryview, position: int) -> None:
     """Write `data` at `position` bytes into the partition, all of it, nowhere else."""
     offset = _inside(target, position, len(data), "write")
@@ -251,7 +239,8 @@ def write_image(
     guard: SlotGuard,
     progress: Progress | None = None,
 ) -> WriteResult:
-    """Stream one (compressed) image into `target`, then read it back and verify it."""
+    """Stream one (compressed) image into `target`, reading it back behind the writing;
+    returns once all of it was fsync'd and the read-back matched `raw_sha256`."""
     raw_sha256 = raw_sha256.lower()
     check_image(target, compression, raw_length, raw_sha256)
     started = time.monotonic()
@@ -259,7 +248,13 @@ def write_image(
     try:
         fd = _open_for_writing(guard, target)
         try:
-            done, got_sha = _stream_into(fd, source, target, compression, raw_length, progress)
+            read_fd = _open_for_reading(target, fd)
+            try:
+                done, got_sha, written = _stream_into(
+                    fd, read_fd, source, target, compression, raw_length, progress
+                )
+            finally:
+                os.close(read_fd)
         finally:
             os.close(fd)
     finally:
@@ -268,8 +263,6 @@ def write_image(
         raise ImageRejected(
             f"image written to {target.describe()} has raw sha256 {got_sha}, expected {raw_sha256}"
         )
-    written = time.monotonic()
-    read_back_verify(target, raw_length, raw_sha256)
     finished = time.monotonic()
     if progress is not None:
         progress(done, raw_length)
@@ -283,16 +276,37 @@ def write_image(
     )
 
 
+def _open_for_reading(target: PartitionTarget, write_fd: int) -> int:
+    """A read descriptor on the same file or device as `write_fd` (checked by fstat)."""
+    try:
+        fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise WriteFailed(f"cannot open {target.describe()} to verify: {err.strerror}") from err
+    if _identity(os.fstat(fd)) != _identity(os.fstat(write_fd)):
+        os.close(fd)
+        raise SlotGuardError(f"{target.describe()}: {target.path} was replaced while writing it")
+    return fd
+
+
+def _check_read_back(target: PartitionTarget, raw_length: int, got: str, want: str) -> None:
+    if got != want:
+        raise ReadBackMismatch(
+            f"{target.describe()} holds sha256 {got} over {raw_length} bytes, expected {want}"
+        )
+
+
 class _HashingPipe:
     """Blocks handed to a second thread that hashes them, then passes them to `sink`.
 
-    sha256 and pwrite/pread release the GIL, so on a two-core node the hashing (and
-    writing) overlaps with what the caller does next: decompressing the following
-    block, or reading it back. Blocks go round a fixed ring of `count` buffers, so
-    memory stays `count * BLOCK_SIZE`; they are hashed and sunk in submission order.
+    sha256 and pwrite/pread release the GIL, so on a two-core node the hashing and
+    writing overlap with the decompression of the following blocks, and with the
+    read-back behind them. Blocks go round a fixed ring of `count` buffers, so memory
+    stays `count * BLOCK_SIZE`; they are hashed and sunk in submission order. `sink`
+    owns a buffer once it returned (it hands it back with `give_back`); if it raises,
+    the buffer is recycled here.
     """
 
-    def __init__(self, sink: Callable[[memoryview, int], None] | None, count: int = 3) -> None:
+    def __init__(self, sink: Callable[[bytearray, int, int], None], count: int = 3) -> None:
         self._sink = sink
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._full: queue.SimpleQueue[tuple[bytearray, int, int] | None] = queue.SimpleQueue()
@@ -333,39 +347,46 @@ class _HashingPipe:
         while (item := self._full.get()) is not None:
             buf, length, position = item
             if self._error is None:  # after an error, only recycle buffers
-                block = memoryview(buf)[:length]
                 try:
-                    self._digest.update(block)
-                    if self._sink is not None:
-                        self._sink(block, position)
+                    with memoryview(buf) as view:
+                        self._digest.update(view[:length])
+                    self._sink(buf, length, position)
+                    continue  # the sink owns the buffer now
                 except BaseException as err:  # re-raised in the caller's thread
                     self._error = err
-                finally:
-                    block.release()
             self._free.put(buf)
 
 
 def _stream_into(
     fd: int,
+    read_fd: int,
     source: ChunkSource,
     target: PartitionTarget,
     compression: str,
     raw_length: int,
     progress: Progress | None,
-) -> tuple[int, str]:
-    """Decompress `source` into `fd` at the target's offset; (raw bytes, sha256 hex)."""
+) -> tuple[int, str, float]:
+    """Decompress `source` into `fd` at the target's offset, reading it back through
+    `read_fd` behind the writing; (raw bytes, stream sha256, read-back sha256, the
+    monotonic time the write phase - up to the fsync - ended)."""
     what = f"image for {target.describe()}"
     reader = open_raw_reader(source, compression, what)
+    writer: _HashingPipe
 
-    def write(block: memoryview, position: int) -> None:
-        try:
-            _pwrite_all(fd, target, block, position)
-        except OSError as err:
-            raise WriteFailed(
-                f"writing {target.describe()} at byte {position}: {err.strerror}"
-            ) from err
+    def write(buf: bytearray, length: int, position: int) -> None:
+        if behind.error is not None:
+            raise behind.error
+        with memoryview(buf) as view:
+            try:
+                _pwrite_all(fd, target, view[:length], position)
+            except OSError as err:
+                raise WriteFailed(
+                    f"writing {target.describe()} at byte {position}: {err.strerror}"
+                ) from err
+        behind.written(buf, length, position)
 
-    writer = _HashingPipe(write)
+    writer = _HashingPipe(write, RING_BLOCKS)
+    behind = ReadBehind(fd, read_fd, target, block=BLOCK_SIZE, done=writer.give_back)
     done = 0
     last_report = time.monotonic()
     if progress is not None:
@@ -397,17 +418,18 @@ def _stream_into(
             if fill < want:  # the reader ended: stream complete and iterator exhausted
                 break
         digest = writer.finish()
+        if done != raw_length:
+            raise ImageRejected(f"{what}: stream ended after {done} of {raw_length} raw bytes")
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            raise WriteFailed(f"syncing {target.describe()}: {err.strerror}") from err
+        written = time.monotonic()
+        behind.finish()
     finally:
         writer.close()
-    if done != raw_length:
-        raise ImageRejected(f"{what}: stream ended after {done} of {raw_length} raw bytes")
-    try:
-        os.fsync(fd)
-        # Drop the now clean pages so the read-back comes from the device, not the cache.
-        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
-    except OSError as err:
-        raise WriteFailed(f"syncing {target.describe()}: {err.strerror}") from err
-    return done, digest
+        behind.close()
+    return done, digest, written
 
 
 def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) -> None:
@@ -421,33 +443,12 @@ def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) 
         fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise WriteFailed(f"cannot open {target.describe()} to verify: {err.strerror}") from err
-    hasher = _HashingPipe(None)  # hashes block n while block n+1 is read
+    digest = hashlib.sha256()
     try:
-        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
-        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_SEQUENTIAL)
-        done = 0
-        while done < raw_length:
-            buf = hasher.take()
-            want = min(BLOCK_SIZE, raw_length - done)
-            offset = _inside(target, done, want, "read back")
-            with memoryview(buf) as view:
-                n = os.preadv(fd, [view[:want]], offset)
-            if n == 0:
-                raise ReadBackMismatch(
-                    f"{target.describe()} ends after {done} of {raw_length} bytes"
-                )
-            hasher.submit(buf, n, done)
-            done += n
-        got = hasher.finish()
-        # Do not leave a GiB of image in the page cache after verifying it.
-        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
+        with memoryview(bytearray(BLOCK_SIZE)) as view:
+            read_into_digest(fd, target, 0, raw_length, digest, view)
     except OSError as err:
         raise WriteFailed(f"reading back {target.describe()}: {err.strerror}") from err
     finally:
-        hasher.close()
         os.close(fd)
-    if got != raw_sha256.lower():
-        raise ReadBackMismatch(
-            f"{target.describe()} holds sha256 {got} over {raw_length} bytes,"
-            f" expected {raw_sha256.lower()}"
-        )
+    _check_read_back(target, raw_length, digest.hexdigest(), raw_sha256.lower())
