@@ -1,11 +1,13 @@
 """Streaming compression of OS images into target files, hashing both sides on the way.
 
 zstd images are written in the zstd *seekable format* (pyzstd's `SeekableZstdFile`):
-one independent frame per `SEEKABLE_CHUNK` raw bytes, then a seek table in a skippable
-frame, so `zstd -d` and any zstd stream reader (the node's `core.decompress`) still
-decompress the file whole, and a node can fetch and decompress any frame on its own.
-Their chunk index (`core.chunkindex`) comes from the same pass (docs/delta.md says why
-the chunks are fixed 64 KiB blocks).
+one independent frame per chunk, then a seek table in a skippable frame, so `zstd -d`
+and any zstd stream reader (the node's `core.decompress`) still decompress the file
+whole, and a node can fetch and decompress any frame on its own. Chunks are cut by
+content (FastCDC, `pyfastcdc`, 16/64/256 KiB min/average/max): a file added to an ext4
+image shifts the blocks allocated after it, and content-defined cuts find the shifted
+content again where fixed blocks do not (docs/delta.md has the measurements). Their
+chunk index (`core.chunkindex`) comes from the same pass.
 
 The compressions and their file suffixes are the release schema's
 (`core.release.COMPRESSIONS`); reading a target back is the node's decoder
@@ -25,14 +27,16 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO, Protocol, cast
 
 import pyzstd
+from pyfastcdc.cy import FastCDC
 
 from core import chunkindex
 from signing.failpoints import failpoint
 
 CHUNK = 1024 * 1024
-# One zstd frame (and one chunk of the index) per 64 KiB of raw image: a multiple of
-# ext4's 4 KiB blocks; measured against 128/256 KiB and FastCDC in docs/delta.md.
-SEEKABLE_CHUNK = 64 * 1024
+# One zstd frame (and one chunk of the index) per content-defined chunk of the raw
+# image: FastCDC with these sizes, measured against fixed 64/128/256 KiB blocks and other
+# averages in docs/delta.md. Changing them changes every chunk: no delta across it.
+CDC_MIN, CDC_AVG, CDC_MAX = 16 * 1024, 64 * 1024, 256 * 1024
 ZSTD_LEVEL = 6
 
 
@@ -94,7 +98,7 @@ class _Counting:
 
 
 def compress_seekable(src: IO[bytes], dst: IO[bytes]) -> StoredImage:
-    """Compress `src` into `dst` as seekable zstd, one frame per `SEEKABLE_CHUNK`; the
+    """Compress `src` into `dst` as seekable zstd, one frame per FastCDC chunk; the
     lengths and hashes of both sides and the chunk index."""
     out = _Counting(dst)
     raw_hash = hashlib.sha256()
@@ -102,8 +106,10 @@ def compress_seekable(src: IO[bytes], dst: IO[bytes]) -> StoredImage:
     options: dict[int, int] = {pyzstd.CParameter.compressionLevel: ZSTD_LEVEL}
     # A write-only file object is all pyzstd writes to (its stubs say BinaryIO).
     sink = cast(BinaryIO, out)
+    cutter = FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
     with pyzstd.SeekableZstdFile(sink, "wb", level_or_option=options) as zf:
-        while chunk := src.read(SEEKABLE_CHUNK):
+        for cut in cutter.cut_stream(src):
+            chunk = bytes(cut.data)  # the cutter reuses its buffer for the next chunk
             raw_hash.update(chunk)
             start = out.length
             zf.write(chunk)
