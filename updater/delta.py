@@ -60,8 +60,8 @@ from updater.slots import PartitionTarget
 
 log = logging.getLogger(__name__)
 
-GAP = 256 << 10  # missing frames closer than this are fetched in one request
-MAX_REQUESTS = 64  # per image: the closest ranges are merged until there are no more
+GAP = 16 << 10  # missing frames closer than this share a request (measured: docs/delta.md)
+MAX_REQUESTS = 256  # per image: the closest ranges are merged until there are no more
 _IN_PLACE, _BOOTED = "in-place", "booted"
 
 Progress = Callable[[int, int], None]
