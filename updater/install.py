@@ -43,7 +43,7 @@ from core.decompress import COMPRESSIONS, ChunkSource, open_raw_reader
 from core.errors import SlotGuardError, UpdateRejected
 from updater.readback import OutOfPartition as OutOfPartition
 from updater.readback import ReadBackMismatch as ReadBackMismatch
-from updater.readback import ReadBehind, read_into_digest
+from updater.readback import ReadBehind
 from updater.readback import WriteFailed as WriteFailed
 from updater.readback import inside as _inside
 from updater.slots import PartitionTarget, Target
@@ -443,12 +443,31 @@ def read_back_verify(target: PartitionTarget, raw_length: int, raw_sha256: str) 
         fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise WriteFailed(f"cannot open {target.describe()} to verify: {err.strerror}") from err
-    digest = hashlib.sha256()
+    hasher: _HashingPipe  # hashes block n while block n+1 is read
+    hasher = _HashingPipe(lambda buf, _length, _position: hasher.give_back(buf))
     try:
-        with memoryview(bytearray(BLOCK_SIZE)) as view:
-            read_into_digest(fd, target, 0, raw_length, digest, view)
+        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_SEQUENTIAL)
+        done = 0
+        while done < raw_length:
+            buf = hasher.take()
+            want = min(BLOCK_SIZE, raw_length - done)
+            offset = _inside(target, done, want, "read back")
+            with memoryview(buf) as view:
+                n = os.preadv(fd, [view[:want]], offset)
+            if n == 0:
+                hasher.give_back(buf)
+                raise ReadBackMismatch(
+                    f"{target.describe()} ends after {done} of {raw_length} bytes"
+                )
+            hasher.submit(buf, n, done)
+            done += n
+        got = hasher.finish()
+        # Do not leave a GiB of image in the page cache after verifying it.
+        os.posix_fadvise(fd, target.offset, raw_length, os.POSIX_FADV_DONTNEED)
     except OSError as err:
         raise WriteFailed(f"reading back {target.describe()}: {err.strerror}") from err
     finally:
+        hasher.close()
         os.close(fd)
-    _check_read_back(target, raw_length, digest.hexdigest(), raw_sha256.lower())
+    _check_read_back(target, raw_length, got, raw_sha256.lower())

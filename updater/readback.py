@@ -11,8 +11,8 @@ block it writes (the stream's raw sha256, compared with the signed `raw_sha256`)
 the device returned exactly those bytes is what this module proves. Together: the
 device holds bytes whose sha256 is the signed one, with the raw image hashed once.
 
-`read_into_digest` hashes a range as the device returns it (`install.read_back_verify`:
-an already written slot checked again, where nothing is in memory to compare with).
+A slot checked again later, with nothing in memory to compare with, is hashed as the
+device returns it instead (`install.read_back_verify`).
 
 Invariants:
 - a block is read back only after its own writeback completed, and given back to the
@@ -29,7 +29,6 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import mmap
 import os
 import queue
@@ -83,30 +82,6 @@ def sync_range(fd: int, offset: int, length: int, *, wait: bool) -> None:
     if _sync_file_range(fd, offset, length, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def read_into_digest(
-    fd: int,
-    target: PartitionTarget,
-    start: int,
-    end: int,
-    digest: hashlib._Hash,
-    buffer: memoryview,
-) -> None:
-    """Hash bytes `[start, end)` of the partition as the device returns them: the clean
-    cached pages of the range are dropped first, and again after reading."""
-    offset = inside(target, start, end - start, "read back")
-    os.posix_fadvise(fd, offset, end - start, os.POSIX_FADV_DONTNEED)
-    os.posix_fadvise(fd, offset, end - start, os.POSIX_FADV_SEQUENTIAL)
-    done = start
-    while done < end:
-        want = min(len(buffer), end - done)
-        n = os.preadv(fd, [buffer[:want]], inside(target, done, want, "read back"))
-        if n == 0:
-            raise ReadBackMismatch(f"{target.describe()} ends after {done} of {end} bytes")
-        digest.update(buffer[:n])
-        done += n
-    os.posix_fadvise(fd, offset, end - start, os.POSIX_FADV_DONTNEED)
 
 
 def _open_direct(target: PartitionTarget, read_fd: int) -> int | None:
