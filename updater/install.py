@@ -43,10 +43,11 @@ from core.decompress import COMPRESSIONS, ChunkSource, open_raw_reader
 from core.errors import SlotGuardError, UpdateRejected
 from updater.readback import OutOfPartition as OutOfPartition
 from updater.readback import ReadBackMismatch as ReadBackMismatch
-from updater.readback import ReadBehind
+from updater.readback import ReadBehind, inside
 from updater.readback import WriteFailed as WriteFailed
-from updater.readback import inside as _inside
 from updater.slots import PartitionTarget, Target
+
+_inside = inside  # the bounds check of every pwrite and pread (updater.readback)
 
 BLOCK_SIZE = 4 << 20  # one pwrite; large and aligned (partitions start on MiB boundaries)
 RING_BLOCKS = 6  # in flight: being decompressed, hashed and written, read back
