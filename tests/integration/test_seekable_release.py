@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from core import chunkindex
 from core.decompress import ChunkSource, raw_blocks
 from core.release import ReleaseFields, served_path
 from signing.verify import verify_repository
+from tests.conftest import require_tool
 from tests.httpserver import HTTPTestServer
 from tests.signing_helpers import ROOT_JSON, ImageSpec, make_repo
 
@@ -75,13 +75,12 @@ def test_image_is_seekable_zstd_with_an_index_target(repo: tuple[Path, Path]) ->
     assert b"".join(raw_blocks(ChunkSource(pieces), "zstd", len(raw), "t")) == raw
 
 
-@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")
 def test_the_zstd_cli_decompresses_it_whole(repo: tuple[Path, Path], tmp_path: Path) -> None:
     path, img = repo
     image_tf = published_targets(path)["x86_64-efi/1.0.0/root.img.zst"]
     stored = served_file(path, image_tf.path, image_tf.hashes["sha256"])
     done = subprocess.run(
-        ["zstd", "-d", "-c", str(stored)], capture_output=True, timeout=60, check=True
+        [require_tool("zstd"), "-d", "-c", str(stored)], capture_output=True, timeout=60, check=True
     )
     assert done.stdout == img.read_bytes()
 
