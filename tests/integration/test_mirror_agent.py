@@ -11,6 +11,7 @@ import json
 import random
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -128,12 +129,16 @@ http {{
         stderr=subprocess.PIPE,
     )
     try:
-        for _ in range(500):  # wait until it listens (or has died)
+        # Wait until it listens (or has died), bounded in time: a refused connection
+        # returns at once, so 500 bare attempts were ~50 ms - too short for an nginx
+        # starting on a loaded machine (failed once in a fresh chroot).
+        deadline = time.monotonic() + 60
+        while True:
             assert proc.poll() is None, (work / "error.log").read_text()
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
                 break
-        else:
-            raise AssertionError("nginx did not start listening")
+            assert time.monotonic() < deadline, "nginx did not start listening within 60 s"
+            time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
