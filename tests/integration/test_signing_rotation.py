@@ -148,7 +148,10 @@ def test_rotate_root_and_targets_keys(tmp_path: Path) -> None:
     with serve(repo) as url:
         # The node that only knew v1 walks 1 -> 2.root.json, then downloads everything.
         files = ngclient_fetch_all(url, tmp_path / "old-node")
-        assert set(files) == {"hw/1.0.0/root.img.zst", "hw/1.1.0/root.img.zst"}
+        # Each zstd image comes with its chunk index (a target of its own, docs/delta.md).
+        assert set(files) == {
+            f"hw/{v}/root.{suffix}" for v in ("1.0.0", "1.1.0") for suffix in ("img.zst", "index")
+        }
         assert (
             json.loads((tmp_path / "old-node" / "root.json").read_text())["signed"]["version"] == 2
         )

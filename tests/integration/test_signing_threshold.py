@@ -111,7 +111,8 @@ def test_root_2_of_3_and_targets_2_of_2(tmp_path: Path) -> None:
     sr(["verify", repo, "--root", root_json])
     with serve(repo) as url:
         files = ngclient_fetch_all(url, tmp_path / "client", root_json)
-    assert list(files) == ["x86_64-efi/2.0.0/root.img.zst"]
+    # The image and its chunk index (docs/delta.md).
+    assert list(files) == ["x86_64-efi/2.0.0/root.img.zst", "x86_64-efi/2.0.0/root.index"]
 
     # A node rejects targets that carry only one of the two signatures it needs.
     one_sig = tmp_path / "one-sig"

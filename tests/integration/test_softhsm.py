@@ -153,4 +153,5 @@ def test_targets_key_in_softhsm_signs_a_release(tmp_path: Path) -> None:
     sr("verify", repo, "--root", root_json)
     with serve(repo) as url:
         files = ngclient_fetch_all(url, tmp_path / "node", root_json)
-    assert list(files) == ["x86_64-efi/3.0.0/root.img.zst"]
+    # The image and its chunk index (docs/delta.md).
+    assert list(files) == ["x86_64-efi/3.0.0/root.img.zst", "x86_64-efi/3.0.0/root.index"]
