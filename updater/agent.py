@@ -364,7 +364,11 @@ class Agent(FleetNode):
                 boot = self.boot.load()
             fetched = sum(int(i["fetched"]) for i in images.values())
             journal = journal.with_installed(inactive, chosen.version).with_install_record(
-                inactive, chosen.version, fetched, time.monotonic() - started
+                inactive,
+                chosen.version,
+                fetched,
+                time.monotonic() - started,
+                reused=_reused_by_slot(images.values()),
             )
             self._save(journal)
             failpoint("recorded")

@@ -142,6 +142,14 @@ def render(facts: NodeFacts) -> bytes:
             "Bytes downloaded by the last install (compressed, as served).",
             install.bytes_fetched,
         )
+        for slot, reused in install.bytes_reused.items():
+            gauge(
+                "last_install_reused_bytes",
+                "Raw bytes the last install reused from a slot instead of fetching them "
+                "(a delta install; docs/delta.md).",
+                reused,
+                {"slot": slot},
+            )
         gauge(
             "last_install_duration_seconds",
             "How long the last install took, download and write.",

@@ -82,6 +82,9 @@ class InstallRecord:
     at: str  # ISO 8601, UTC
     bytes_fetched: int  # bytes downloaded for it (compressed, as served)
     seconds: float
+    # Raw bytes a delta install reused, per slot they were read from (docs/delta.md);
+    # empty for a full install and in records written before delta updates.
+    bytes_reused: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -169,10 +172,16 @@ class Journal:
         bytes_fetched: int,
         seconds: float,
         now: datetime | None = None,
+        *,
+        reused: Mapping[str, int] | None = None,
     ) -> Journal:
-        """An install wrote `version` into `slot`, fetching `bytes_fetched` bytes."""
+        """An install wrote `version` into `slot`, fetching `bytes_fetched` bytes and
+        reusing `reused[s]` raw bytes read from slot `s`."""
         _check_slot(slot)
-        record = InstallRecord(version, slot, _now(now), bytes_fetched, round(seconds, 3))
+        by_slot = dict(sorted((reused or {}).items()))
+        for source in by_slot:
+            _check_slot(source)
+        record = InstallRecord(version, slot, _now(now), bytes_fetched, round(seconds, 3), by_slot)
         return replace(self, last_install=record)
 
     def with_commit_record(
@@ -224,6 +233,7 @@ class Journal:
                 "slot": self.last_install.slot,
                 "at": self.last_install.at,
                 "bytes_fetched": self.last_install.bytes_fetched,
+                "bytes_reused": dict(self.last_install.bytes_reused),
                 "seconds": self.last_install.seconds,
             },
             "last_commit": None
@@ -320,6 +330,8 @@ def _install_record(value: Any) -> InstallRecord | None:
         _str(r["at"]),
         _int(r["bytes_fetched"]),
         _seconds(r["seconds"]),
+        # Absent in records written before delta updates: nothing was reused.
+        {_slot(k): _int(v) for k, v in sorted(_dict(r.get("bytes_reused", {})).items())},
     )
 
 

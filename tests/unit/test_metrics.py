@@ -93,7 +93,9 @@ def test_every_fact_of_the_journal_is_a_metric_with_its_value() -> None:
     journal = (
         Journal()
         .with_installed("B", "2.0.0", T0)
-        .with_install_record("B", "2.0.0", 123_456_789, 42.5, T0 + timedelta(seconds=1))
+        .with_install_record(
+            "B", "2.0.0", 123_456_789, 42.5, T0 + timedelta(seconds=1), reused={"A": 7_000_000}
+        )
         .with_commit_record("A", "1.0.0", T0 - timedelta(days=1))
         .with_failed("1.5.0", "health checks failed", T0 - timedelta(hours=2))
         .with_failed("1.6.0", "boot failed", T0 - timedelta(hours=1))
@@ -109,6 +111,7 @@ def test_every_fact_of_the_journal_is_a_metric_with_its_value() -> None:
     assert value(parsed, "last_install_info", version="2.0.0", slot="B") == 1
     assert value(parsed, "last_install_fetched_bytes") == 123_456_789
     assert value(parsed, "last_install_duration_seconds") == 42.5
+    assert value(parsed, "last_install_reused_bytes", slot="A") == 7_000_000
     assert value(parsed, "last_commit_timestamp_seconds") == T0.timestamp() - 86_400
     assert value(parsed, "last_commit_info", version="1.0.0", slot="A") == 1
     assert value(parsed, "failed_versions") == 2

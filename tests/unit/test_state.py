@@ -231,7 +231,7 @@ def test_fleet_records_round_trip_and_old_journals_load(tmp_path: Path) -> None:
     j = (
         Journal()
         .with_installed("B", "2.0.0", T0)
-        .with_install_record("B", "2.0.0", 1234, 5.25, T0)
+        .with_install_record("B", "2.0.0", 1234, 5.25, T0, reused={"A": 4096, "B": 512})
         .with_commit_record("B", "2.0.0", T0)
         .with_lock("workers")
         .with_waiting("window: next opens\n 2026-12-03T02:00:00+00:00")
@@ -240,6 +240,12 @@ def test_fleet_records_round_trip_and_old_journals_load(tmp_path: Path) -> None:
     again = Journal.from_json(json.loads(json.dumps(j.to_json())))
     assert again == j
     assert again.last_install is not None and again.last_install.bytes_fetched == 1234
+    assert again.last_install.bytes_reused == {"A": 4096, "B": 512}
+    assert j.to_json()["last_install"]["bytes_reused"] == {"A": 4096, "B": 512}
+    # An install record written before delta updates has no bytes_reused: nothing reused.
+    before_delta = j.to_json()
+    del before_delta["last_install"]["bytes_reused"]
+    assert Journal.from_json(before_delta).last_install.bytes_reused == {}  # type: ignore[union-attr]
     # A journal written before these fields existed has none of their keys.
     old = {k: v for k, v in j.to_json().items()}
     for key in ("last_install", "last_commit", "lock_held", "waiting"):
@@ -266,6 +272,39 @@ def test_fleet_records_round_trip_and_old_journals_load(tmp_path: Path) -> None:
         (
             "last_install",
             {"version": "1", "slot": "A", "at": "x", "bytes_fetched": 1, "seconds": 1e300},
+        ),
+        (
+            "last_install",
+            {
+                "version": "1",
+                "slot": "A",
+                "at": "x",
+                "bytes_fetched": 1,
+                "seconds": 1,
+                "bytes_reused": {"C": 1},
+            },
+        ),
+        (
+            "last_install",
+            {
+                "version": "1",
+                "slot": "A",
+                "at": "x",
+                "bytes_fetched": 1,
+                "seconds": 1,
+                "bytes_reused": {"A": -1},
+            },
+        ),
+        (
+            "last_install",
+            {
+                "version": "1",
+                "slot": "A",
+                "at": "x",
+                "bytes_fetched": 1,
+                "seconds": 1,
+                "bytes_reused": [1],
+            },
         ),
         ("last_commit", {"version": 3, "slot": "A", "at": "x"}),
         ("last_commit", []),
