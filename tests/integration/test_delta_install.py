@@ -221,3 +221,22 @@ def test_served_path_is_what_the_agent_asks_for(node: Node) -> None:
     digest = index.name.split(".", 1)[0]
     assert served_path("x86_64-efi/3.0.0/root.index", digest).endswith(index.name)
     assert node.server.requests_for(served(node, "3.0.0", "root.index"))
+
+
+def test_full_install_records_the_index_so_the_next_update_is_a_delta(node: Node) -> None:
+    committed_b(node)
+    release(node, "3.0.0", "2.0.0")
+    node.ok("install", "--no-reboot", "--full", booted="B")
+    recorded = node.root / "state" / "index" / "A.root.index"
+    index = node.repo / served(node, "3.0.0", "root.index").lstrip("/")
+    assert recorded.read_bytes() == index.read_bytes()
+    node.ok("activate", "A", booted="B")
+    node.grub_boots("A")
+    assert node.ok("health-check", booted="A")["action"] == "committed"
+    release(node, "4.0.0", "3.0.0", (100 * 1024,))
+    again = node.ok("install", "--no-reboot", booted="A")
+    assert node.holds("B", "4.0.0")
+    v3, v4 = index_of(node, "3.0.0"), index_of(node, "4.0.0")
+    here = in_place(v4, index_of(node, "2.0.0"))  # B holds 2.0.0 and its index
+    from_a = sum(c.raw_length for c in v4 if c not in here and c.sha256 in {d.sha256 for d in v3})
+    assert again["bytes_reused"]["A"] == from_a > 0
