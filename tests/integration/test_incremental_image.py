@@ -67,6 +67,7 @@ def _tree_n(root: Path) -> None:
     os.setxattr(root / "etc/xattr-kept", "trusted.removed", b"gone")
     _write(root / "gone/deep/file", b"removed with its directory\n")
     _write(root / "etc/removed", b"removed\n")
+    _write(root / "usr/lib/removed.bin", _blob("removed", 100_000))
     _write(root / "becomes-dir", b"a file in N\n")
     _write(root / "becomes-link/inside", b"a directory in N\n")
     os.symlink("usr/lib/big.bin", root / "link-kept")
@@ -97,6 +98,7 @@ def _tree_n1(root: Path) -> None:
     os.setxattr(root / "etc/xattr-kept", "user.added", b"added")
     shutil.rmtree(root / "gone")
     (root / "etc/removed").unlink()
+    (root / "usr/lib/removed.bin").unlink()
     (root / "becomes-dir").unlink()
     _write(root / "becomes-dir/now", b"a directory in N+1\n")
     shutil.rmtree(root / "becomes-link")
@@ -229,6 +231,18 @@ def test_incremental_image_equals_the_new_tree_and_keeps_placement(
     kept = ["usr/lib/big.bin", "usr/lib/same-size.bin", "usr/bin/tool", "etc/owned"]
     assert _blocks(out, kept) == _blocks(base, kept)
     assert stats.rewritten >= 3 and stats.created >= 5 and stats.removed >= 4
+    # What N+1 deleted or truncated is not shipped: its blocks, unless reused, are zeros.
+    stale = [
+        int(b)
+        for p in ("usr/lib/removed.bin", "usr/lib/shrinks.bin", "etc/removed")
+        for b in _blocks(base, [p])[p].split()
+    ]
+    block = int(_field(base, "Block size"))
+    owners = run_tool("debugfs", "-R", "icheck " + " ".join(map(str, stale)), out).stdout
+    free = [int(line.split()[0]) for line in owners.splitlines() if "not found" in line]
+    assert len(free) > 100_000 // block
+    with out.open("rb") as f:
+        assert all(os.pread(f.fileno(), block, b * block) == bytes(block) for b in free)
 
     # A second build of the same (image, tree) puts every file on the same blocks.
     again = tmp_path / "again.ext4"
