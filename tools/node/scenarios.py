@@ -7,9 +7,11 @@ UPDATES disk carries; `Scenario.boot()` powers the node on once and returns a `B
 the facts read from that boot's serial console (which slot GRUB chose, which version
 came up, what the agent's health check decided, the `install --json` output) and from
 the disk after QEMU exited (the grubenv through `grub-editenv`, the agent's journal
-through `debugfs`, GPT bits through `cgpt`, slot contents by sha256).
+and its recorded chunk indexes through `debugfs`, GPT bits through `cgpt`, slot
+contents by sha256); what was published is read from the repository's own targets
+metadata on the host (`Scenario.signed`).
 
-The scenarios: `HappyThenFailed` (a and b on one node, run lazily so a test or the
+The scenarios: `HappyThenFailed` (a, b and i on one node, run lazily so a test or the
 demo runs only the boots it needs), `run_panic` (c), `run_power_cuts` (d),
 `run_gptprio` (e); `Runner` runs them in background threads, two QEMUs at a time.
 
@@ -41,6 +43,10 @@ from tools.node.release import HARDWARE, agent_config
 
 HEALTH = "updater health-check"
 INSTALL = "updater --json install"
+# An install that prints its result document (bytes fetched and reused), and then the
+# reboot the agent would have asked for: its reboot hook, run as the next command.
+INSTALL_NO_REBOOT = f"{INSTALL} --no-reboot"
+REBOOT = "/usr/sbin/reboot"
 SLOT_PARTITION = {"A": "root_a", "B": "root_b"}
 GPT_INDEX = {"A": 2, "B": 3}  # partition-layouts/grub-efi-ab.toml (and gptprio-ab.toml)
 # A failed slot is an error (SlotFailed, exit 5): its line is `updater: error: <outcome>`.
@@ -74,6 +80,16 @@ def sha256_file(path: Path, length: int | None = None, offset: int = 0) -> str:
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
+
+
+def install_command(result: BootResult) -> str:
+    """The `updater --json install ...` command line a boot started first (INSTALL if
+    none); read from the `E2E: run` markers, as a rebooting install never finishes."""
+    for line in result.serial_log.splitlines():
+        cmd = line.removeprefix("E2E: run ")
+        if cmd != line and (cmd == INSTALL or cmd.startswith(INSTALL + " ")):
+            return cmd
+    return INSTALL
 
 
 def command_output(result: BootResult, command: str) -> list[str]:
@@ -134,10 +150,11 @@ def install_of(result: BootResult) -> dict[str, Any] | None:
     hook) never returns, so then the agent's own log lines say what it did:
     `installing V into slot S`, `slot S (V) will be booted next`, `rebooting`.
     """
-    results = [d for d in json_lines(result, INSTALL) if d.get("event") == "result"]
+    command = install_command(result)
+    results = [d for d in json_lines(result, command) if d.get("event") == "result"]
     if results:
         return {**results[-1], "result_printed": True}
-    output = "\n".join(command_output(result, INSTALL))
+    output = "\n".join(command_output(result, command))
     m = re.search(r"installing (\S+) into slot ([AB])", output)
     if m is None:
         return None
@@ -166,6 +183,9 @@ class Boot:
     journal: dict[str, Any]  # the agent's journal.json after QEMU exited (debugfs)
     holds: dict[str, str | None]  # slot -> published version it holds byte for byte
     gpt: dict[str, dict[str, int]] = field(default_factory=dict)  # cgpt, gptprio nodes
+    # slot -> published version whose chunk index the agent recorded for the slot's root
+    # (`<state_dir>/index/<slot>.root.index`, compared by sha256 with the signed index)
+    indexes: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def slot(self) -> str | None:
@@ -193,7 +213,8 @@ class Boot:
 
     @property
     def progress(self) -> list[dict[str, Any]]:
-        return [d for d in json_lines(self.result, INSTALL) if d.get("event") == "progress"]
+        lines = json_lines(self.result, install_command(self.result))
+        return [d for d in lines if d.get("event") == "progress"]
 
     def throughput_mib_s(self) -> float | None:
         """Install throughput inside the guest: progress lines over host arrival times.
@@ -251,6 +272,18 @@ class Boot:
         words.append(ending)
         env = " ".join(f"{k}={v}" for k, v in sorted(self.grubenv.items()))
         return f"boot {self.number} ({r.seconds:.0f} s): " + "; ".join(words) + f". grubenv: {env}"
+
+
+@dataclass(frozen=True)
+class SignedImage:
+    """One published image, as the repository's targets metadata lists it."""
+
+    path: str
+    length: int  # the compressed target: what a full install fetches
+    raw_length: int
+    raw_sha256: str
+    index_length: int  # its chunk index target (0: none)
+    index_sha256: str | None
 
 
 class Scenario:
@@ -325,24 +358,64 @@ class Scenario:
         at_boot = grubenv_marker(result)
         gpt = {slot: self.cgpt(slot) for slot in GPT_INDEX} if self.gptprio else {}
         holds = {slot: self.slot_version(slot) for slot in SLOT_PARTITION}
-        done = Boot(number, result, self.node.read_grubenv(), at_boot, self.journal(), holds, gpt)
+        indexes = {slot: self.index_version(slot) for slot in SLOT_PARTITION}
+        done = Boot(
+            number, result, self.node.read_grubenv(), at_boot, self.journal(), holds, gpt, indexes
+        )
         self.boots.append(done)
         self.say(f"[{self.name}] {done.describe()}  (console: {result.log_path})")
         return done
 
     # --- the disk after a boot ---------------------------------------------------
 
-    def journal(self) -> dict[str, Any]:
-        """The agent's journal on the data partition, read with debugfs (no mount)."""
+    def data_file(self, path: str) -> bytes:
+        """A file of the data partition (the agent's state_dir), read with debugfs (no
+        mount); empty if there is none (debugfs then only complains on stderr)."""
         part = self.node.partitions()["data"]
         out = subprocess.run(
-            ["debugfs", "-R", "cat /journal.json", f"{self.node.disk}?offset={part.offset}"],
-            capture_output=True, text=True, check=True,
+            ["debugfs", "-R", f"cat {path}", f"{self.node.disk}?offset={part.offset}"],
+            capture_output=True, check=True,
         )  # fmt: skip
-        if not out.stdout.strip():
+        return out.stdout
+
+    def journal(self) -> dict[str, Any]:
+        """The agent's journal on the data partition."""
+        text = self.data_file("/journal.json")
+        if not text.strip():
             return {}
-        doc: dict[str, Any] = json.loads(out.stdout)
+        doc: dict[str, Any] = json.loads(text)
         return doc
+
+    def index_version(self, slot: str, role: str = "root") -> str | None:
+        """The published release whose signed chunk index the agent recorded for `slot`."""
+        data = self.data_file(f"/index/{slot}.{role}.index")
+        if not data or not self.repo.exists():
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+        for version in self.published:
+            if self.signed(version, role).index_sha256 == digest:
+                return version
+        return None
+
+    def signed(self, version: str, role: str = "root") -> SignedImage:
+        """Release `version`'s `role` image as the newest targets metadata of the
+        repository lists it (the file the node's TUF client verifies, read on the host)."""
+        meta = self.repo / "metadata"
+        newest = max(meta.glob("*.targets.json"), key=lambda p: int(p.name.split(".", 1)[0]))
+        targets: dict[str, Any] = json.loads(newest.read_text())["signed"]["targets"]
+        for path, target in targets.items():
+            release = (target.get("custom") or {}).get("release", {})
+            if (release.get("version"), release.get("role")) == (version, role):
+                index = targets.get(release.get("index") or "")
+                return SignedImage(
+                    path,
+                    int(target["length"]),
+                    int(release["raw_length"]),
+                    str(release["raw_sha256"]),
+                    int(index["length"]) if index else 0,
+                    index["hashes"]["sha256"] if index else None,
+                )
+        raise KeyError(f"{newest}: no {role} image of release {version}")
 
     def slot_version(self, slot: str) -> str | None:
         """The published release whose raw image slot `slot` starts with, if any."""
@@ -418,14 +491,21 @@ def per_boot_summary(boots: Sequence[Boot]) -> str:
 
 
 class HappyThenFailed:
-    """Scenarios a and b on one node, boot by boot, run only as far as asked.
+    """Scenarios a, b and i on one node, boot by boot, run only as far as asked.
 
     1. v1 in slot A commits itself; the agent installs v2 (UPDATES disk) into B, reboots.
+       A full install: the template's slot A has no recorded chunk index. The agent
+       records v2's index for B.
     2. GRUB boots B (one try); v2's health check passes: committed.
     3. A further boot still boots B (committed again); v3 (whose health check
-       fails) is published; the agent installs it into A and reboots.
+       fails) is published; the agent installs it into A by delta (chunks read from
+       the booted B) and reboots.
     4. GRUB boots A; v3's health check fails: A marked bad, B primary, reboot.
     5. GRUB boots B; a plain `install` does not install v3 again.
+    6. v4 (healthy) is published; from B the agent installs it into A by delta (chunks
+       from the booted B at any offset, from A's v3 in place) with `--no-reboot`, so
+       that it prints its result (bytes fetched and reused); then the reboot hook.
+    7. GRUB boots A (one try); v4's health check passes: committed.
     """
 
     def __init__(
@@ -435,9 +515,12 @@ class HappyThenFailed:
         self.v1 = build_release(1, cache=cache)
         self.v2 = build_release(2, cache=cache)
         self.v3 = build_release(3, cache=cache, health="fail")
+        self.cache = cache
+        self.v4: Path | None = None  # built by boot 6 (the demo stops at boot 5)
         self.scenario = Scenario(workdir, self.v1, cache=cache, name="a/b", say=say)
         self.steps: list[Callable[[], list[Boot]]] = [
-            self._boot1, self._boot2, self._boot3, self._boot4, self._boot5,
+            self._boot1, self._boot2, self._boot3, self._boot4, self._boot5, self._boot6,
+            self._boot7,
         ]  # fmt: skip
 
     @property
@@ -445,7 +528,7 @@ class HappyThenFailed:
         return self.scenario.boots
 
     def run_until(self, number: int) -> list[Boot]:
-        """Run the boots up to `number` (1-5) that have not run yet; all boots so far."""
+        """Run the boots up to `number` (1-7) that have not run yet; all boots so far."""
         while len(self.boots) < number:
             self.steps[len(self.boots)]()
         return self.boots[:number]
@@ -466,6 +549,14 @@ class HappyThenFailed:
 
     def _boot5(self) -> list[Boot]:
         return [self.scenario.boot([INSTALL])]
+
+    def _boot6(self) -> list[Boot]:
+        self.v4 = build_release(4, cache=self.cache)
+        self.scenario.publish(self.v4, "4.0.0")
+        return [self.scenario.boot([INSTALL_NO_REBOOT, REBOOT])]
+
+    def _boot7(self) -> list[Boot]:
+        return [self.scenario.boot()]
 
 
 def kernel_only_release(version: str, out: Path, *, kernel_from: Path) -> Path:
@@ -635,7 +726,9 @@ SEED = int(os.environ.get("AB_E2E_SEED") or time.time_ns() % 100_000)
 SCENARIO_OF_TEST = {
     "a": "ab", "b": "ab", "c": "c", "d": "d", "e": "e",
     "f": "sd", "g": "sdpanic", "h": "sd",  # systemd-boot (tools/node/sdboot_scenarios.py)
+    "i": "ab",
 }  # fmt: skip
+AB_BOOTS = {"a": 3, "b": 5, "i": 7}  # how far each test of the a/b node needs the chain
 
 
 def job(name: str, cache: Path | None, *, ab_boots: int = 5) -> Job:
@@ -665,6 +758,7 @@ def start_selected(runner: Runner, test_names: Sequence[str]) -> None:
     """Submit the scenarios behind the selected `test_<letter>_...` tests, longest first."""
     letters = {n.split("_")[1] for n in test_names if n.startswith("test_")}
     names = {SCENARIO_OF_TEST[x] for x in letters if x in SCENARIO_OF_TEST}
+    ab_boots = max((AB_BOOTS[x] for x in letters if x in AB_BOOTS), default=3)
     for name in ("ab", "d", "sd", "e", "c", "sdpanic"):
         if name in names:
-            runner.submit(name, job(name, runner.cache, ab_boots=5 if "b" in letters else 3))
+            runner.submit(name, job(name, runner.cache, ab_boots=ab_boots))
