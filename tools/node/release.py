@@ -149,9 +149,10 @@ def _install_agent(root: Path, site: Path) -> None:
     )
     _install(GUEST / "updater", root / "usr/bin/updater")
     # The root filesystem is mounted read-only: compile now (host and guest are 3.11).
+    # -s/-p: each .pyc names its node path, not the stage's (which differs per release)
     run(
         sys.executable, "-m", "compileall", "-q", "-j0",
-        "--invalidation-mode", "unchecked-hash", lib,
+        "--invalidation-mode", "unchecked-hash", "-s", root, "-p", "/", lib,
     )  # fmt: skip
 
 
