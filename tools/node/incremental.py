@@ -10,21 +10,28 @@ tree in place, on a loop mount (the idea of Android's e2fsdroid `base_fs`):
   unlinked and created: an equal-size rewrite keeps its blocks, a grown one keeps its
   first blocks), removed entries deleted; owners, modes, xattrs and mtimes are set as
   the tree has them, each only when it differs, so an unchanged inode is not written;
-* timestamps are stored as `mkfs.ext4 -d` stores them (whole seconds; ctime is the
-  tree's); the kernel's "now" (ctime, crtime, a freed inode's dtime) and its random
-  `i_generation` are replaced with debugfs after the unmount, so one (image, tree)
-  gives one output, byte for byte;
+* timestamps are stored as `mkfs.ext4 -d` stores them (whole seconds; ctime and a new
+  inode's crtime are the tree's ctime): the kernel's "now" is replaced with debugfs
+  after the unmount, and the inodes this build freed are cleared (no dtime left);
 * the journal is written by jbd2 while mounted; after a clean unmount it holds only
   retired transactions, so its blocks are copied back from N (which must be clean: no
-  recovery pending). The journal stays where it was and reads as N's, zeros included;
+  recovery pending). The journal stays where it was and reads as N's;
+* free blocks holding what this build deleted or truncated are zeroed: stale data
+  would ship in the image and grow the full download (mkfs leaves free space zero);
 * the superblock fields the mount changes (mount and write times, mount count, kbytes
   written, last mount point) are put back to N's; the label is set to `label`;
 * if N+1's tree needs more room than N's image has (the size `_mkfs` would pick for
   the tree), the copy is grown first with resize2fs: the new block groups are appended,
   nothing already placed moves. The image never shrinks (that would move blocks);
-* the writes run in one process pinned to one CPU and mounted `nodelalloc` (blocks are
-  chosen at write(), by this process, not by a flusher thread), so ext4's per-CPU
-  preallocation cannot make two builds differ; `e2fsck -fn` must pass at the end.
+* placement is deterministic: the writes run in one process pinned to one CPU, mounted
+  `nodelalloc` (blocks are chosen at write(), by this process, not by a flusher thread:
+  ext4's per-CPU preallocation cannot differ) with every group's bitmap loaded before
+  the first write (mballoc skips groups still loading). Not byte for byte: ext4 gives
+  each new inode a random `i_generation`, which seeds the checksums of its inode,
+  directory and extent blocks and cannot be set under metadata_csum
+  (EXT4_IOC_SETVERSION is refused), so two builds differ in those few blocks;
+* `e2fsck -fn` must pass at the end; the image is written as `<out>.partial` and
+  renamed into place.
 
 Needs root (mount), e2fsprogs (debugfs, tune2fs, resize2fs, e2fsck) and a loop device.
 """
