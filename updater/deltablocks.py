@@ -201,7 +201,9 @@ class DeltaBlocks:
             for span in spans:
                 counts.requests += 1
                 counts.fetched += span.end - span.start
-                body = repo.stream_range(image.target, span.start, span.end, retries=retries)
+                body = repo.stream_range(
+                    image.target, span.start, span.end, chunk_size=PIECE, retries=retries
+                )
                 for chunk, frame in frames(body, span):
                     yield chunk.index, decompress(decoder, frame, chunk, image.path)
 
@@ -231,7 +233,8 @@ class DeltaBlocks:
         return decompress(self._decoder, frame, chunk, self._image.path)
 
 
-PREFETCH_BYTES = 2 << 20  # raw bytes fetched ahead of the writer, at most (+ one chunk)
+PREFETCH_BYTES = 1 << 20  # raw bytes fetched ahead of the writer, at most (+ one chunk)
+PIECE = 256 << 10  # bytes of one network read of a range (most ranges are smaller)
 
 
 class Prefetch:
