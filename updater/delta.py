@@ -197,8 +197,7 @@ def _write_delta(
 ) -> DeltaResult:
     """Every chunk of `index`, reused or fetched and each checked, in raw order through
     the install engine: hashed whole once, written in large blocks, read back behind."""
-    install.check_image(target, image.compression, image.raw_length, image.raw_sha256)
-    reuse, missing = plan(index, *holders)
+    reuse, missing = plan(index, *holders)  # write_blocks checks the image against target
     with Readers() as readers:
         blocks = DeltaBlocks(repo, image, index, reuse, missing, readers, retries)
         try:

@@ -98,6 +98,12 @@ def check_image(target: Target, compression: str, raw_length: int, sha: str) -> 
     used to plan, too)."""
     if compression not in COMPRESSIONS:
         raise ImageRejected(f"image for {target.describe()}: unknown compression {compression!r}")
+    _check_raw(target, raw_length, sha)
+
+
+def _check_raw(target: Target, raw_length: int, sha: str) -> None:
+    """The raw image's length fits `target` and `sha` is a sha256 (what `write_blocks`
+    needs whatever produced the raw bytes)."""
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise ImageRejected(f"image for {target.describe()}: raw_sha256 {sha!r} is not a sha256")
     _check_length(target, raw_length)
@@ -183,7 +189,7 @@ def write_blocks(
     was fsync'd, read back equal, and its sha256 matched `raw_sha256`. The one engine of
     a full install and of a delta (`updater.delta`)."""
     raw_sha256 = raw_sha256.lower()
-    check_image(target, "none", raw_length, raw_sha256)
+    _check_raw(target, raw_length, raw_sha256)
     started = time.monotonic()
     fd = open_for_writing(guard, target)
     try:
