@@ -212,12 +212,18 @@ def trees(tmp_path: Path) -> tuple[Path, Path]:
     return n, n1
 
 
+def _image_n(tree_n: Path, tmp_path: Path) -> Path:
+    """Release N's image as the builder makes it (`mkfs.ext4 -d`)."""
+    base = tmp_path / "n.ext4"
+    builder._mkfs(tree_n, base, "root_a")
+    return base
+
+
 def test_incremental_image_equals_the_new_tree_and_keeps_placement(
     trees: tuple[Path, Path], tmp_path: Path
 ) -> None:
     tree_n, tree_n1 = trees
-    base = tmp_path / "n.ext4"
-    builder._mkfs(tree_n, base, "root_a")
+    base = _image_n(tree_n, tmp_path)
     out = tmp_path / "n1.ext4"
     stats = build_incremental(base, tree_n1, out, "root_b")
 
@@ -259,8 +265,7 @@ def test_incremental_image_grows_when_the_tree_needs_more_room(
     trees: tuple[Path, Path], tmp_path: Path
 ) -> None:
     tree_n, tree_n1 = trees
-    base = tmp_path / "n.ext4"
-    builder._mkfs(tree_n, base, "root_a")
+    base = _image_n(tree_n, tmp_path)
     free = int(_field(base, "Free blocks")) * int(_field(base, "Block size"))
     _write(tree_n1 / "usr/share/huge.bin", _blob("huge", free + 8 * MiB))
     out = tmp_path / "n1.ext4"
@@ -276,9 +281,27 @@ def test_a_base_whose_journal_needs_recovery_is_refused(
     trees: tuple[Path, Path], tmp_path: Path
 ) -> None:
     tree_n, tree_n1 = trees
-    base = tmp_path / "n.ext4"
-    builder._mkfs(tree_n, base, "root_a")
+    base = _image_n(tree_n, tmp_path)
     run_tool("debugfs", "-w", "-R", "feature needs_recovery", base)
     with pytest.raises(IncrementalBuildError, match="journal needs recovery"):
         build_incremental(base, tree_n1, tmp_path / "n1.ext4", "root_a")
     assert not (tmp_path / "n1.ext4").exists()
+
+
+def test_a_missing_or_special_base_or_tree_is_one_line(
+    trees: tuple[Path, Path], tmp_path: Path
+) -> None:
+    tree_n, tree_n1 = trees
+    base = _image_n(tree_n, tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = [
+        (tmp_path / "absent.ext4", tree_n1, "cannot read it"),
+        (fifo, tree_n1, "is not a regular file"),
+        (base, base, "is not a directory"),
+    ]
+    for image, tree, why in cases:
+        with pytest.raises(IncrementalBuildError, match=why) as caught:
+            build_incremental(image, tree, tmp_path / "n1.ext4", "root_a")
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / "n1.ext4").exists()

@@ -304,6 +304,7 @@ def build_incremental(base: Path, tree: Path, out: Path, label: str) -> Stats:
     or failed build leaves no `out`.
     """
     started = time.monotonic()
+    _check_inputs(base, tree)
     _check_clean(base)
     partial = out.with_name(out.name + ".partial")
     try:
@@ -367,6 +368,21 @@ def _build(base: Path, tree: Path, out: Path, label: str) -> Stats:
         raise IncrementalBuildError(f"{out}: e2fsck -fn is not clean:\n{check.stdout[-4000:]}")
     stats.size = out.stat().st_size
     return stats
+
+
+def _check_inputs(base: Path, tree: Path) -> None:
+    """N's image is a regular file and N+1's tree a directory: one line naming which is
+    not, before any tool runs on them."""
+    for path, want, test in (
+        (base, "a regular file", stat.S_ISREG),
+        (tree, "a directory", stat.S_ISDIR),
+    ):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as err:
+            raise IncrementalBuildError(f"{path}: cannot read it: {err.strerror}") from err
+        if not test(mode):
+            raise IncrementalBuildError(f"{path}: is not {want}")
 
 
 def _check_clean(image: Path) -> None:
