@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 from core import chunkindex
 from core.release import served_path
@@ -97,6 +98,18 @@ def corrupt(node: Node, slot: str, at: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+def commit_a_then_install_4_into_b(node: Node) -> dict[str, Any]:
+    """Boot A (it holds 3.0.0), commit it, publish 4.0.0 (3.0.0 with one more change)
+    and install it into B; the install's JSON."""
+    node.ok("activate", "A", booted="B")
+    node.grub_boots("A")
+    assert node.ok("health-check", booted="A")["action"] == "committed"
+    release(node, "4.0.0", "3.0.0", (100 * 1024,))
+    again = node.ok("install", "--no-reboot", booted="A")
+    assert node.holds("B", "4.0.0")
+    return again
+
+
 def test_delta_over_http_reuses_the_booted_slot_and_lands_byte_identical(node: Node) -> None:
     committed_b(node)
     release(node, "3.0.0", "2.0.0")
@@ -114,12 +127,7 @@ def test_delta_over_http_reuses_the_booted_slot_and_lands_byte_identical(node: N
     status = node.ok("status", booted="B")
     assert status["last_install"]["bytes_fetched"] == result["bytes_fetched"]
     # Then 4.0.0 into B, booted A: unchanged chunks of B are in place, others from A.
-    node.ok("activate", "A", booted="B")
-    node.grub_boots("A")
-    assert node.ok("health-check", booted="A")["action"] == "committed"
-    release(node, "4.0.0", "3.0.0", (100 * 1024,))
-    again = node.ok("install", "--no-reboot", booted="A")
-    assert node.holds("B", "4.0.0")
+    again = commit_a_then_install_4_into_b(node)
     v4 = index_of(node, "4.0.0")
     here = in_place(v4, v2)  # B holds 2.0.0 and its recorded index
     assert again["bytes_reused"]["B"] == sum(c.raw_length for c in here) >= SIZE // 2
@@ -230,12 +238,7 @@ def test_full_install_records_the_index_so_the_next_update_is_a_delta(node: Node
     recorded = node.root / "state" / "index" / "A.root.index"
     index = node.repo / served(node, "3.0.0", "root.index").lstrip("/")
     assert recorded.read_bytes() == index.read_bytes()
-    node.ok("activate", "A", booted="B")
-    node.grub_boots("A")
-    assert node.ok("health-check", booted="A")["action"] == "committed"
-    release(node, "4.0.0", "3.0.0", (100 * 1024,))
-    again = node.ok("install", "--no-reboot", booted="A")
-    assert node.holds("B", "4.0.0")
+    again = commit_a_then_install_4_into_b(node)
     v3, v4 = index_of(node, "3.0.0"), index_of(node, "4.0.0")
     here = in_place(v4, index_of(node, "2.0.0"))  # B holds 2.0.0 and its index
     from_a = sum(c.raw_length for c in v4 if c not in here and c.sha256 in {d.sha256 for d in v3})
