@@ -126,6 +126,7 @@ def test_delta_over_http_reuses_the_booted_slot_and_lands_byte_identical(node: N
     assert len(ranges(node, image)) == 2  # two changes, far apart: two requests
     status = node.ok("status", booted="B")
     assert status["last_install"]["bytes_fetched"] == result["bytes_fetched"]
+    assert status["last_install"]["bytes_reused"] == result["bytes_reused"]
     # Then 4.0.0 into B, booted A: unchanged chunks of B are in place, others from A.
     again = commit_a_then_install_4_into_b(node)
     v4 = index_of(node, "4.0.0")
